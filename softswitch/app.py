@@ -1,0 +1,150 @@
+"""The composition root (STYLE.md 9): builds every component of a node, wires them, starts and stops them.
+
+Nothing else lives here: no protocol logic, no policy. Start order is store, SIP edge, MQTT broker, HTTP;
+stop order is the reverse. Once everything listens, the chosen ports go to `{data_dir}/ports.json`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from fastapi import FastAPI
+
+from softswitch import __version__
+from softswitch.api.http import HttpServer, build_http_app
+from softswitch.config import Config
+from softswitch.events.broker import EmbeddedBroker
+from softswitch.events.bus import EventBus
+from softswitch.metrics import Metrics
+from softswitch.sip.transport import SipEdge
+from softswitch.store.db import Store
+
+log = structlog.get_logger(__name__)
+
+#: Name of the file, under data_dir, that tells tools which ports this node listens on.
+PORTS_FILE = "ports.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """The ports a running node listens on; `mqtt` is None with an external broker."""
+
+    sip: int
+    http: int
+    mqtt: int | None
+
+
+class Node:
+    """One softswitch node: every component the composition root built, and their lifecycle.
+
+    `http_app` exists from construction, so features can add routers before `start()`.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.bus = EventBus()
+        self.store: Store | None = None
+        self.edge: SipEdge | None = None
+        self.broker: EmbeddedBroker | None = None
+        self.http_app: FastAPI = build_http_app(
+            version=__version__, metrics=self.metrics, sip_port=lambda: self.edge.port if self.edge else None
+        )
+        self.http: HttpServer | None = None
+        self.ports: Ports | None = None
+        self._stack = AsyncExitStack()
+
+    async def start(self) -> Ports:
+        """Start everything; on failure, stop what had started and re-raise."""
+        config = self.config
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            ports_file = config.data_dir / PORTS_FILE
+            ports_file.unlink(missing_ok=True)  # a stale file would point tools at a dead node
+
+            store = Store(config.store.url)
+            self.store = store
+            self._stack.callback(store.close)
+
+            edge = SipEdge(config, store, self.bus, self.metrics)
+            await edge.start()
+            self.edge = edge
+            self._stack.push_async_callback(edge.stop)
+
+            mqtt_port: int | None = None
+            if config.mqtt.embedded:
+                broker = EmbeddedBroker(config.mqtt.host, config.mqtt.port)
+                await broker.start()
+                self.broker = broker
+                self._stack.push_async_callback(broker.stop)
+                mqtt_port = broker.port
+
+            def publish_ports(http_port: int) -> None:
+                self.ports = Ports(sip=edge.port, http=http_port, mqtt=mqtt_port)
+                write_ports_file(ports_file, self.ports)
+
+            # ports.json is written the moment HTTP serves, before it can answer anything: a tool that
+            # sees the file finds every port open.
+            http = HttpServer(
+                self.http_app, config.http.listen_host, config.http.listen_port, on_serving=publish_ports
+            )
+            self.http = http
+            self._stack.push_async_callback(http.stop)
+            self._stack.callback(ports_file.unlink, missing_ok=True)
+            await http.start()
+        except BaseException:
+            await self.stop()
+            raise
+        ports = self.ports
+        if ports is None:  # HttpServer.start() returns only after on_serving ran
+            raise RuntimeError("HTTP server started without reporting its port")
+        log.info("softswitch ready", sip_port=ports.sip, http_port=ports.http, mqtt_port=ports.mqtt)
+        return ports
+
+    async def stop(self) -> None:
+        """Stop everything that started, in reverse order. Safe to call more than once."""
+        stack, self._stack = self._stack, AsyncExitStack()
+        await stack.aclose()
+
+
+def write_ports_file(path: Path, ports: Ports) -> None:
+    """Write `{"sip": …, "http": …, "mqtt": …}` atomically: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(
+        json.dumps({"sip": ports.sip, "http": ports.http, "mqtt": ports.mqtt}) + "\n", encoding="utf-8"
+    )
+    os.replace(tmp, path)
+
+
+async def run(config: Config) -> None:
+    """Run a node until SIGINT or SIGTERM, then stop it cleanly."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+
+    def request_stop(signame: str) -> None:
+        log.info("stop requested", signal=signame)
+        stop_requested.set()
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    for sig in handled:
+        loop.add_signal_handler(sig, request_stop, sig.name)
+    try:
+        log.info("softswitch starting", version=__version__, pid=os.getpid(), **config.summary())
+        node = Node(config)
+        await node.start()
+        try:
+            await stop_requested.wait()
+        finally:
+            log.info("softswitch stopping")
+            await node.stop()
+        log.info("softswitch stopped")
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
