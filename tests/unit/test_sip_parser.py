@@ -466,7 +466,15 @@ def test_inv2543_rfc2543_request_without_content_length() -> None:
 
 
 def _with_extra(extra_lines: list[str], body: bytes = b"") -> bytes:
-    head = request_bytes("MESSAGE", "sip:1002@127.0.0.1", contact=None, extra="\n".join(extra_lines))
+    """A MESSAGE of known length: branch and Call-ID fixed, so equal arguments give equal bytes."""
+    head = request_bytes(
+        "MESSAGE",
+        "sip:1002@127.0.0.1",
+        branch="z9hG4bKlimits",
+        call_id="limits@127.0.0.1",
+        contact=None,
+        extra="\n".join(extra_lines),
+    )
     head = head.replace(b"Content-Length: 0", f"Content-Length: {len(body)}".encode())
     return head + body
 
