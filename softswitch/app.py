@@ -19,9 +19,12 @@ from fastapi import FastAPI
 
 from softswitch import __version__
 from softswitch.api.http import HttpServer, build_http_app
+from softswitch.calls.control import CallControl
 from softswitch.config import Config
+from softswitch.dialplan.loader import load_dialplan
 from softswitch.events.broker import EmbeddedBroker
 from softswitch.events.bus import EventBus
+from softswitch.media.pool import MediaPool
 from softswitch.metrics import Metrics
 from softswitch.sip.transport import SipEdge
 from softswitch.store.db import Store
@@ -53,6 +56,8 @@ class Node:
         self.bus = EventBus()
         self.store: Store | None = None
         self.edge: SipEdge | None = None
+        self.media: MediaPool | None = None
+        self.calls: CallControl | None = None
         self.broker: EmbeddedBroker | None = None
         self.http_app: FastAPI = build_http_app(
             version=__version__, metrics=self.metrics, sip_port=lambda: self.edge.port if self.edge else None
@@ -73,10 +78,42 @@ class Node:
             self.store = store
             self._stack.callback(store.close)
 
+            dialplan = load_dialplan(
+                config.dialplan,
+                users={u.name for u in config.users},
+                queues={q.id for q in config.queues} or None,
+                trunks={t.name for t in config.trunks} or None,
+            )
+
             edge = SipEdge(config, store, self.bus, self.metrics)
             await edge.start()
             self.edge = edge
             self._stack.push_async_callback(edge.stop)
+
+            pool = MediaPool(
+                workers=config.media.workers,
+                rtp_ports=(config.media.rtp_port_min, config.media.rtp_port_max),
+                edge_host=edge.local_host,
+                edge_port=edge.port,
+                log_level=config.log.level,
+                max_calls=config.media.max_calls,
+            )
+            self.media = pool
+            self._stack.push_async_callback(pool.stop)
+            await pool.start()
+
+            control = CallControl(
+                pool,
+                dialplan,
+                self.bus,
+                users={u.name: u.display_name for u in config.users},
+                has_binding=edge.has_binding,
+                domain=config.sip.domain,
+            )
+            control.start()
+            self.calls = control
+            self._stack.push_async_callback(control.stop)
+            edge.attach_media(pool)
 
             mqtt_port: int | None = None
             if config.mqtt.embedded:

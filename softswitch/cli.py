@@ -17,6 +17,7 @@ import structlog
 
 from softswitch import __version__
 from softswitch.config import DEMO_CONFIG_TOML, Config, ConfigError, load_config
+from softswitch.dialplan.loader import DialplanError, load_dialplan
 from softswitch.logging import configure_logging
 
 EXIT_OK = 0
@@ -56,10 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_config(path: Path) -> int:
-    """Validate `path` exactly as `serve` would read it (environment overrides included)."""
+    """Validate `path` exactly as `serve` would read it (environment overrides included), and the
+    dialplan it names."""
     try:
-        load_config(path)
-    except ConfigError as exc:
+        config = load_config(path)
+        check_dialplan(config)
+    except (ConfigError, DialplanError) as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_FAILURE
@@ -67,11 +70,24 @@ def check_config(path: Path) -> int:
     return EXIT_OK
 
 
+def check_dialplan(config: Config) -> None:
+    """Load the configured dialplan with the configuration's names; raises DialplanError."""
+    load_dialplan(
+        config.dialplan,
+        users={u.name for u in config.users},
+        # Queues and trunks are checked once the configuration defines some: until then their routes
+        # answer callers with an error instead of keeping the node from starting.
+        queues={q.id for q in config.queues} or None,
+        trunks={t.name for t in config.trunks} or None,
+    )
+
+
 def serve(path: Path | None) -> int:
     """Load the configuration, set up logging and run the node until SIGINT/SIGTERM."""
     try:
         config = load_config(path)
-    except ConfigError as exc:
+        check_dialplan(config)
+    except (ConfigError, DialplanError) as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         print("softswitch: configuration rejected, not starting", file=sys.stderr)

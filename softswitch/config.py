@@ -32,6 +32,9 @@ from pydantic import (
 #: Shown instead of a file name when no `--config` is given.
 DEMO_SOURCE = "<demo config>"
 
+#: Where the files shipped beside the package live (`dialplans/`).
+SHIPPED_ROOT = Path(__file__).resolve().parent.parent
+
 #: The configuration that applies without `--config` (CONTRACT.md). Passwords are public: it is a demo.
 DEMO_CONFIG_TOML = """\
 # softswitch demo configuration: what `softswitch serve` runs without --config.
@@ -585,7 +588,16 @@ class Config(_Model):
     @field_validator("data_dir", "dialplan")
     @classmethod
     def _resolve(cls, value: Path, info: ValidationInfo) -> Path:
-        return value if value.is_absolute() else (_cwd(info) / value).resolve()
+        if value.is_absolute():
+            return value
+        resolved = (_cwd(info) / value).resolve()
+        if info.field_name == "dialplan" and not resolved.exists():
+            # A relative dialplan not found from here names one of the dialplans shipped with the
+            # softswitch (`dialplans/default.yaml` from any working directory).
+            shipped = (SHIPPED_ROOT / value).resolve()
+            if shipped.exists():
+                return shipped
+        return resolved
 
     @field_validator("tenant")
     @classmethod

@@ -13,6 +13,7 @@ import secrets
 import socket
 import time
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -62,6 +63,19 @@ def _load_secret(data_dir: Path) -> bytes:
     return value
 
 
+class _Worker(Protocol):
+    sip_host: str
+    sip_port: int
+
+
+class MediaWorkers(Protocol):
+    """What the edge needs of the media pool: where to send a new call, and whom to trust."""
+
+    def choose(self) -> _Worker | None: ...
+
+    def is_worker_address(self, host: str, port: int) -> bool: ...
+
+
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, edge: SipEdge) -> None:
         self.edge = edge
@@ -92,6 +106,8 @@ class SipEdge:
         self.bus = bus
         self.metrics = metrics
         self.port = 0
+        self.host = ""
+        self.local_host = ""
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp_server: asyncio.Server | None = None
         self._conns: dict[int, _TcpConnection] = {}
@@ -111,14 +127,16 @@ class SipEdge:
         sip = self.config.sip
         udp_sock, tcp_sock = self._bind(sip.listen_host, sip.listen_port)
         self.port = udp_sock.getsockname()[1]
-        host = sip.external_address or (
+        # Where the media workers on this machine reach the edge.
+        self.local_host = "127.0.0.1" if sip.listen_host in ("0.0.0.0", "::") else sip.listen_host
+        host = self.host = sip.external_address or (
             sip.listen_host if sip.listen_host not in ("0.0.0.0", "::") else sip.domain
         )
         settings = EdgeSettings(
             host=host,
             port=self.port,
             domain=sip.domain,
-            aliases=frozenset({sip.listen_host, sip.domain, host}),
+            aliases=frozenset({sip.listen_host, sip.domain, host, self.local_host}),
             realm=sip.realm,
             secret=_load_secret(Path(self.config.data_dir)),
             policy=RegistrarPolicy(sip.min_expires, sip.max_expires, sip.default_expires),
@@ -199,6 +217,22 @@ class SipEdge:
             task.cancel()
         await self._flush()
         log.info("sip edge stopped")
+
+    # -- the media plane ------------------------------------------------------------------------
+
+    def attach_media(self, pool: MediaWorkers) -> None:
+        """From now on calls from phones go to the media workers, which the edge trusts."""
+        assert self.core is not None
+
+        def dispatch() -> Flow | None:
+            worker = pool.choose()
+            return None if worker is None else Flow("UDP", worker.sip_host, worker.sip_port)
+
+        self.core.trusted = lambda flow: pool.is_worker_address(flow.host, flow.port)
+        self.core.media_dispatch = dispatch
+
+    def has_binding(self, user: str) -> bool:
+        return self.core is not None and bool(self.core.location.bindings(user))
 
     # -- input ----------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from softswitch.config import (
     DEMO_CONFIG_TOML,
+    SHIPPED_ROOT,
     Config,
     ConfigError,
     SipConfig,
@@ -109,7 +110,9 @@ def test_demo_config_is_the_contract_demo(tmp_path: Path) -> None:
     assert (config.http.listen_host, config.http.listen_port) == ("127.0.0.1", 8080)
     assert (config.mqtt.embedded, config.mqtt.host, config.mqtt.port) == (True, "127.0.0.1", 1883)
     assert config.data_dir == tmp_path / "data"
-    assert config.dialplan == tmp_path / "dialplans" / "default.yaml"
+    # Not found under the working directory: the dialplan shipped with the softswitch.
+    assert config.dialplan == SHIPPED_ROOT / "dialplans" / "default.yaml"
+    assert config.dialplan.exists()
     assert config.store.url == f"sqlite:///{tmp_path}/data/softswitch.db"
 
 

@@ -1,0 +1,451 @@
+"""Call control: every call is two legs on one media worker, routed by the dialplan (B2BUA).
+
+Owns conversations and legs. It reacts to the media workers' leg events, asks the dialplan what a dialed
+number means, and tells the workers what to do (answer, originate, bridge, tone, hang up). Every state
+change becomes an event on the bus (EVENTS.md); nothing here talks to MQTT or the store directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import structlog
+
+from softswitch.calls.models import (
+    Conversation,
+    ConversationState,
+    Leg,
+    LegState,
+    new_conversation_id,
+)
+from softswitch.dialplan import actions
+from softswitch.events.bus import EventBus
+from softswitch.events.types import (
+    CallAnswered,
+    CallBridged,
+    CallEnded,
+    CallEvent,
+    CallInitiated,
+    CallRinging,
+    ConversationEnded,
+)
+from softswitch.media.protocol import (
+    Answer,
+    Bridge,
+    Command,
+    CommandError,
+    Echo,
+    Event,
+    Hangup,
+    LegIncoming,
+    Originate,
+    Reject,
+    StopTone,
+    Tone,
+)
+from softswitch.media.protocol import LegState as LegStateEvent
+from softswitch.sip.errors import SipError
+from softswitch.sip.uri import parse_uri
+
+log = structlog.get_logger(__name__)
+
+#: Seconds a command to a worker may take before the call is failed.
+COMMAND_TIMEOUT_S = 5.0
+
+
+class MediaPlane(Protocol):
+    """What call control needs of the pool of media workers."""
+
+    async def command(self, worker_id: str, cmd: Command, timeout_s: float = ...) -> dict[str, Any]: ...
+
+    def subscribe(self, callback: Callable[[str, Event], None]) -> None: ...
+
+
+class Router(Protocol):
+    def route(self, number: str, *, caller: str = "") -> actions.Action | None: ...
+
+
+def final_status(code: int, reason: str, answered: bool) -> str:
+    """EVENTS.md `final_status` of a leg from how it ended."""
+    if answered:
+        return "completed"
+    if code in (486, 600):
+        return "busy"
+    if code == 487:
+        return "canceled"
+    if code in (408, 480) or "timeout" in reason.lower():
+        return "no_answer"
+    if 400 <= code < 500 or code in (603, 604, 606, 607):
+        return "rejected"
+    return "failed"
+
+
+def caller_response(status: str, code: int) -> int:
+    """What the caller hears when the callee's leg failed before answer."""
+    return {
+        "busy": 486,
+        "no_answer": 480,
+        "canceled": 487,
+    }.get(status, code if 400 <= code < 700 and code != 503 else 500)
+
+
+class CallControl:
+    """The single owner of call state."""
+
+    def __init__(
+        self,
+        media: MediaPlane,
+        router: Router,
+        bus: EventBus,
+        *,
+        users: Mapping[str, str],  # user name -> display name
+        has_binding: Callable[[str], bool],
+        domain: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.media = media
+        self.router = router
+        self.bus = bus
+        self.users = users
+        self.has_binding = has_binding
+        self.domain = domain
+        self.clock = clock
+        self.conversations: dict[str, Conversation] = {}
+        self.legs: dict[str, Leg] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._leg_ids = itertools.count(1)
+        self._node = secrets.token_hex(3)
+
+    def start(self) -> None:
+        self.media.subscribe(self.on_media_event)
+
+    async def stop(self) -> None:
+        for conv in list(self.conversations.values()):
+            for leg in conv.live_legs():
+                await self._send(leg.worker_id, Hangup(leg=leg.id, code=503))
+        for task in list(self._tasks):
+            task.cancel()
+
+    # -- media events ---------------------------------------------------------------------------
+
+    def on_media_event(self, worker_id: str, event: Event) -> None:
+        if isinstance(event, LegIncoming):
+            self._spawn(self._incoming(worker_id, event))
+        elif isinstance(event, LegStateEvent):
+            leg = self.legs.get(event.leg)
+            if leg is None:
+                return
+            self._spawn(self._leg_state(leg, event))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("call control task failed", exc_info=task.exception())
+
+    def _lock(self, conversation_id: str) -> asyncio.Lock:
+        lock = self._locks.get(conversation_id)
+        if lock is None:
+            lock = self._locks[conversation_id] = asyncio.Lock()
+        return lock
+
+    async def _send(self, worker_id: str, cmd: Command) -> bool:
+        try:
+            await self.media.command(worker_id, cmd, COMMAND_TIMEOUT_S)
+            return True
+        except CommandError as e:
+            log.info("media command failed", command=cmd.type, code=e.code, error=e.message)
+        except (TimeoutError, ConnectionError, KeyError) as e:
+            log.warning("media command not delivered", command=cmd.type, error=repr(e))
+        return False
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def _fields(self, leg: Leg) -> dict[str, Any]:
+        return {
+            "conversation_id": leg.conversation_id,
+            "call_id": leg.id,
+            "sip_call_id": leg.sip_call_id,
+            "direction": leg.direction,
+            "from_": leg.from_,
+            "to": leg.to,
+            "role": leg.role,
+            "user_data": None,
+        }
+
+    def _publish(self, cls: type[CallEvent], leg: Leg, **extra: Any) -> None:
+        self.bus.publish(cls(**self._fields(leg), **extra))
+
+    # -- a new call -----------------------------------------------------------------------------
+
+    async def _incoming(self, worker_id: str, ev: LegIncoming) -> None:
+        now = self.clock()
+        try:
+            number = parse_uri(ev.request_uri).user or ""
+        except SipError:
+            number = ""
+        caller = ev.identity or _user_of(ev.from_uri)
+        conv = Conversation(new_conversation_id(), worker_id, now, caller=caller, callee=number)
+        a = Leg(
+            ev.leg, worker_id, conv.id, "inbound", "caller", caller, number, ev.sip_call_id,
+            user=ev.identity or None, created_at=now,
+        )  # fmt: skip
+        conv.legs[a.id] = a
+        self.conversations[conv.id] = conv
+        self.legs[a.id] = a
+        with structlog.contextvars.bound_contextvars(
+            conversation_id=conv.id, call_id=a.id, sip_call_id=ev.sip_call_id
+        ):
+            log.info("call initiated", caller=caller, number=number, worker=worker_id)
+            self._publish(CallInitiated, a, user=a.user)
+            async with self._lock(conv.id):
+                await self._route(conv, a, number)
+
+    async def _route(self, conv: Conversation, a: Leg, number: str) -> None:
+        action = self.router.route(number, caller=a.from_) if number else None
+        if action is None:
+            await self._reject(a, 404, "Not Found")
+        elif isinstance(action, actions.Hangup):
+            await self._reject(a, action.code, action.reason or "")
+        elif isinstance(action, actions.Dial):
+            await self._dial(conv, a, action)
+        elif isinstance(action, actions.Echo):
+            if await self._send(a.worker_id, Answer(leg=a.id, code=200)):
+                await self._send(a.worker_id, Echo(leg=a.id))
+        else:
+            log.info("dialplan action not available", action=type(action).__name__)
+            await self._reject(a, 501, "Not Implemented")
+
+    async def _reject(self, leg: Leg, code: int, reason: str) -> None:
+        leg.sip_code = code
+        leg.final_status = final_status(code, reason, answered=False)
+        leg.released_by = "local"
+        await self._send(leg.worker_id, Reject(leg=leg.id, code=code, reason=reason))
+
+    async def _dial(self, conv: Conversation, a: Leg, action: actions.Dial) -> None:
+        target = action.target
+        if target not in self.users:
+            await self._reject(a, 404, "Not Found")
+            return
+        if not self.has_binding(target):
+            await self._reject(a, 480, "Temporarily Unavailable")
+            return
+        conv.max_duration_s = action.max_duration_s
+        b = Leg(
+            self._new_leg_id(), a.worker_id, conv.id, "outbound", "callee", a.from_, target,
+            user=target, created_at=self.clock(),
+        )  # fmt: skip
+        conv.legs[b.id] = b
+        self.legs[b.id] = b
+        self._publish(CallInitiated, b, user=target)
+        display = self.users.get(a.from_, "")
+        sent = await self._send(
+            a.worker_id,
+            Originate(
+                leg=b.id,
+                uri=f"sip:{target}@{self.domain}",
+                from_uri=f"sip:{a.from_}@{self.domain}",
+                display_name=display,
+                timeout_s=action.timeout_s,
+            ),
+        )
+        if not sent and not b.ended:
+            b.move(LegState.ENDED)
+            b.ended_at = self.clock()
+            b.final_status, b.released_by, b.sip_code = "failed", "system", 500
+            self._publish_ended(b)
+            await self._reject(a, 503, "Service Unavailable")
+
+    # -- leg state changes ----------------------------------------------------------------------
+
+    async def _leg_state(self, leg: Leg, ev: LegStateEvent) -> None:
+        conv = self.conversations.get(leg.conversation_id)
+        if conv is None:
+            return
+        with structlog.contextvars.bound_contextvars(conversation_id=conv.id, call_id=leg.id):
+            async with self._lock(conv.id):
+                if ev.sip_call_id and not leg.sip_call_id:
+                    leg.sip_call_id = ev.sip_call_id
+                if leg.ended:
+                    return
+                if ev.state == "ringing" or ev.state == "early":
+                    await self._progress(conv, leg, early_media=ev.state == "early")
+                elif ev.state == "confirmed":
+                    await self._answered(conv, leg)
+                elif ev.state == "disconnected":
+                    await self._disconnected(conv, leg, ev)
+
+    async def _progress(self, conv: Conversation, leg: Leg, *, early_media: bool) -> None:
+        first = leg.state is LegState.INITIATED
+        leg.move(LegState.EARLY if early_media else LegState.RINGING)
+        if first:
+            leg.ring_at = self.clock()
+            self._publish(CallRinging, leg, early_media=early_media)
+        if leg.role != "callee":
+            return
+        caller = self._caller(conv)
+        if caller is None or caller.ended:
+            return
+        if caller.state is LegState.INITIATED:
+            caller.move(LegState.EARLY)
+            caller.ring_at = self.clock()
+            await self._send(caller.worker_id, Answer(leg=caller.id, code=183))
+            self._publish(CallRinging, caller, early_media=True)
+        if early_media:
+            # The callee's own ringback or announcement reaches the caller (RFC 3960 §3).
+            await self._send(caller.worker_id, StopTone(leg=caller.id))
+            await self._send(caller.worker_id, Bridge(a=caller.id, b=leg.id))
+        elif first:
+            await self._send(caller.worker_id, Tone(leg=caller.id, kind="ringback"))
+
+    async def _answered(self, conv: Conversation, leg: Leg) -> None:
+        now = self.clock()
+        leg.move(LegState.ANSWERED)
+        leg.answered_at = now
+        self._publish(CallAnswered, leg, answered_by=leg.user or leg.to)
+        if leg.role == "caller":
+            callee = self._callee(conv)
+            if callee is not None and callee.state is LegState.ANSWERED:
+                self._bridged(callee, leg)
+            return
+        caller = self._caller(conv)
+        if caller is None or caller.ended:
+            await self._send(leg.worker_id, Hangup(leg=leg.id))
+            return
+        if conv.state is ConversationState.SETUP:
+            conv.move(ConversationState.ACTIVE)
+            conv.answered_at = now
+            if conv.max_duration_s:
+                self._arm_time_limit(conv)
+        await self._send(caller.worker_id, StopTone(leg=caller.id))
+        if await self._send(caller.worker_id, Answer(leg=caller.id, code=200)):
+            await self._send(caller.worker_id, Bridge(a=caller.id, b=leg.id))
+        if caller.state is LegState.ANSWERED:
+            self._bridged(caller, leg)
+
+    def _bridged(self, a: Leg, b: Leg) -> None:
+        a.peer, b.peer = b.id, a.id
+        self._publish(CallBridged, a, peer_call_id=b.id)
+        self._publish(CallBridged, b, peer_call_id=a.id)
+
+    async def _disconnected(self, conv: Conversation, leg: Leg, ev: LegStateEvent) -> None:
+        now = self.clock()
+        answered = leg.answered_at is not None
+        leg.move(LegState.ENDED)
+        leg.ended_at = now
+        if not leg.final_status:
+            leg.sip_code = ev.sip_code
+            leg.cause = ev.reason
+            leg.released_by = ev.released_by or "remote"
+            leg.final_status = (
+                "failed" if ev.released_by == "system" else final_status(ev.sip_code, ev.reason, answered)
+            )
+        self._publish_ended(leg)
+        for other in conv.live_legs():
+            if other.final_status:
+                continue  # already being released
+            other.released_by = "local" if leg.released_by != "system" else "system"
+            if other.answered_at is None and other.role == "caller" and not answered:
+                code = caller_response(leg.final_status, leg.sip_code)
+                other.sip_code = code
+                other.final_status = final_status(code, "", answered=False)
+                await self._send(other.worker_id, Reject(leg=other.id, code=code))
+            else:
+                if leg.released_by == "system":
+                    other.final_status = "failed"
+                elif other.answered_at is not None:
+                    other.final_status = "completed"
+                else:
+                    other.final_status = "canceled" if other.role == "callee" else "failed"
+                await self._send(other.worker_id, Hangup(leg=other.id))
+        if not conv.live_legs():
+            self._conversation_ended(conv)
+
+    def _publish_ended(self, leg: Leg) -> None:
+        self._publish(
+            CallEnded,
+            leg,
+            final_status=leg.final_status,
+            released_by=leg.released_by,
+            sip_code=leg.sip_code,
+            cause=leg.cause,
+            ring_s=round(leg.ring_seconds(), 3),
+            talk_s=round(leg.talk_seconds(), 3),
+            hold_s=0.0,
+        )
+        log.info("leg ended", call_id=leg.id, final_status=leg.final_status, sip_code=leg.sip_code,
+                 released_by=leg.released_by)  # fmt: skip
+
+    def _conversation_ended(self, conv: Conversation) -> None:
+        now = self.clock()
+        conv.move(ConversationState.ENDED)
+        conv.ended_at = now
+        timer = self._timers.pop(conv.id, None)
+        if timer is not None:
+            timer.cancel()
+        callee = self._callee(conv)
+        caller = self._caller(conv)
+        main = callee if callee is not None and callee.answered_at else caller
+        conv.final_status = main.final_status if main else "failed"
+        self.bus.publish(
+            ConversationEnded(
+                conversation_id=conv.id,
+                legs=tuple(conv.legs),
+                duration_s=round(now - conv.created_at, 3),
+                final_status=conv.final_status,
+            )
+        )
+        for leg_id in conv.legs:
+            self.legs.pop(leg_id, None)
+        self.conversations.pop(conv.id, None)
+        self._locks.pop(conv.id, None)
+
+    # -- time limit -----------------------------------------------------------------------------
+
+    def _arm_time_limit(self, conv: Conversation) -> None:
+        assert conv.max_duration_s is not None
+        loop = asyncio.get_running_loop()
+        self._timers[conv.id] = loop.call_later(
+            conv.max_duration_s, lambda: self._spawn(self._time_limit(conv.id))
+        )
+
+    async def _time_limit(self, conversation_id: str) -> None:
+        conv = self.conversations.get(conversation_id)
+        if conv is None:
+            return
+        async with self._lock(conv.id):
+            log.info("conversation reached its time limit", conversation_id=conv.id)
+            for leg in conv.live_legs():
+                leg.final_status, leg.released_by, leg.sip_code = "time_limit", "system", 200
+                await self._send(leg.worker_id, Hangup(leg=leg.id))
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _new_leg_id(self) -> str:
+        return f"L{self._node}{next(self._leg_ids)}"
+
+    @staticmethod
+    def _caller(conv: Conversation) -> Leg | None:
+        return next((leg for leg in conv.legs.values() if leg.role == "caller"), None)
+
+    @staticmethod
+    def _callee(conv: Conversation) -> Leg | None:
+        return next((leg for leg in conv.legs.values() if leg.role == "callee"), None)
+
+
+def _user_of(uri: str) -> str:
+    try:
+        return parse_uri(uri).user or ""
+    except SipError:
+        return ""

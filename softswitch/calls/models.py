@@ -1,0 +1,119 @@
+"""Conversations and legs as explicit state machines (STYLE.md 5), owned by call control.
+
+A conversation is what a person calls "a call": the legs that were bridged together over its life. A leg
+is one SIP dialog between a media worker and a phone (or a trunk).
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from dataclasses import dataclass, field
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the table does not allow: a bug, not an input error."""
+
+
+class LegState(enum.Enum):
+    INITIATED = "initiated"  # inbound: INVITE received; outbound: INVITE sent
+    RINGING = "ringing"  # 180 without media
+    EARLY = "early"  # early media (183, or 180 with SDP)
+    ANSWERED = "answered"  # 200 OK / ACK
+    ENDED = "ended"
+
+
+LEG_TRANSITIONS: dict[LegState, frozenset[LegState]] = {
+    LegState.INITIATED: frozenset({LegState.RINGING, LegState.EARLY, LegState.ANSWERED, LegState.ENDED}),
+    LegState.RINGING: frozenset({LegState.RINGING, LegState.EARLY, LegState.ANSWERED, LegState.ENDED}),
+    LegState.EARLY: frozenset({LegState.RINGING, LegState.EARLY, LegState.ANSWERED, LegState.ENDED}),
+    LegState.ANSWERED: frozenset({LegState.ENDED}),
+    LegState.ENDED: frozenset(),
+}
+
+
+class ConversationState(enum.Enum):
+    SETUP = "setup"  # the caller is waiting for someone to answer
+    ACTIVE = "active"  # answered
+    ENDED = "ended"
+
+
+CONVERSATION_TRANSITIONS: dict[ConversationState, frozenset[ConversationState]] = {
+    ConversationState.SETUP: frozenset({ConversationState.ACTIVE, ConversationState.ENDED}),
+    ConversationState.ACTIVE: frozenset({ConversationState.ENDED}),
+    ConversationState.ENDED: frozenset(),
+}
+
+
+def new_conversation_id() -> str:
+    return "CV" + secrets.token_hex(12)
+
+
+@dataclass(eq=False)
+class Leg:
+    """One leg; `id` is the media worker's leg id, `call_id` in events."""
+
+    id: str
+    worker_id: str
+    conversation_id: str
+    direction: str  # "inbound" | "outbound"
+    role: str  # "caller" | "callee" | …
+    from_: str
+    to: str
+    sip_call_id: str = ""
+    user: str | None = None  # the registered user on the other end, if any
+    state: LegState = LegState.INITIATED
+    created_at: float = 0.0
+    ring_at: float | None = None
+    answered_at: float | None = None
+    ended_at: float | None = None
+    sip_code: int = 0
+    final_status: str = ""
+    released_by: str = ""
+    cause: str = ""
+    peer: str | None = None  # the leg it is bridged with
+
+    def move(self, state: LegState) -> None:
+        if state not in LEG_TRANSITIONS[self.state]:
+            raise IllegalTransition(f"leg {self.id}: {self.state.value} -> {state.value}")
+        self.state = state
+
+    @property
+    def ended(self) -> bool:
+        return self.state is LegState.ENDED
+
+    def ring_seconds(self) -> float:
+        if self.ring_at is None:
+            return 0.0
+        end = self.answered_at or self.ended_at or self.ring_at
+        return max(0.0, end - self.ring_at)
+
+    def talk_seconds(self) -> float:
+        if self.answered_at is None or self.ended_at is None:
+            return 0.0
+        return max(0.0, self.ended_at - self.answered_at)
+
+
+@dataclass(eq=False)
+class Conversation:
+    """The legs of one call and how it went."""
+
+    id: str
+    worker_id: str
+    created_at: float
+    caller: str = ""
+    callee: str = ""
+    state: ConversationState = ConversationState.SETUP
+    legs: dict[str, Leg] = field(default_factory=dict)
+    answered_at: float | None = None
+    ended_at: float | None = None
+    final_status: str = ""
+    max_duration_s: float | None = None
+
+    def move(self, state: ConversationState) -> None:
+        if state not in CONVERSATION_TRANSITIONS[self.state]:
+            raise IllegalTransition(f"conversation {self.id}: {self.state.value} -> {state.value}")
+        self.state = state
+
+    def live_legs(self) -> list[Leg]:
+        return [leg for leg in self.legs.values() if not leg.ended]

@@ -1,0 +1,256 @@
+"""Call control decisions, driven by scripted media-worker events (the worker itself is tested for real
+in tests/integration/test_media_*.py and through the B2BUA end to end)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from softswitch.calls.control import CallControl, caller_response, final_status
+from softswitch.dialplan import actions
+from softswitch.events.bus import EventBus
+from softswitch.events.types import CallEnded, ConversationEnded, Event
+from softswitch.media.protocol import (
+    Answer,
+    Bridge,
+    Command,
+    CommandError,
+    Echo,
+    Hangup,
+    LegIncoming,
+    LegState,
+    Originate,
+    Reject,
+    StopTone,
+    Tone,
+)
+from softswitch.media.protocol import Event as MediaEvent
+
+
+class ScriptedMedia:
+    """Records the commands call control sends; the test plays the worker's events."""
+
+    def __init__(self) -> None:
+        self.commands: list[Command] = []
+        self.callback: Callable[[str, MediaEvent], None] | None = None
+        self.fail: set[str] = set()
+
+    async def command(self, worker_id: str, cmd: Command, timeout_s: float = 5.0) -> dict[str, Any]:
+        self.commands.append(cmd)
+        if cmd.type in self.fail:
+            raise CommandError("capacity", "worker full")
+        return {}
+
+    def subscribe(self, callback: Callable[[str, MediaEvent], None]) -> None:
+        self.callback = callback
+
+    def emit(self, event: MediaEvent) -> None:
+        assert self.callback is not None
+        self.callback("w1", event)
+
+    def take(self) -> list[Command]:
+        out, self.commands = self.commands, []
+        return out
+
+
+class Plan:
+    def route(self, number: str, *, caller: str = "") -> actions.Action | None:
+        if number.startswith("1"):
+            return actions.Dial(target=number, timeout_s=20, max_duration_s=0.3 if number == "1004" else None)
+        if number == "*97":
+            return actions.Echo()
+        if number == "8000":
+            return actions.Queue(queue="support")
+        if number == "0":
+            return actions.Hangup(code=403, reason="Forbidden")
+        return None
+
+
+class Fixture:
+    def __init__(self) -> None:
+        self.media = ScriptedMedia()
+        self.bus = EventBus()
+        self.events: list[Event] = []
+        self.bus.subscribe(self.events.append)
+        self.bound = {"1002", "1004"}
+        self.control = CallControl(
+            self.media, Plan(), self.bus,
+            users={"1001": "Alice", "1002": "Bob", "1003": "Carol", "1004": "Dave"},
+            has_binding=lambda u: u in self.bound, domain="127.0.0.1",
+        )  # fmt: skip
+        self.control.start()
+
+    async def settle(self) -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    async def incoming(self, number: str, leg: str = "w1-1") -> None:
+        self.media.emit(
+            LegIncoming(
+                leg=leg, sip_call_id=f"sip-{leg}", from_uri="sip:1001@127.0.0.1", from_display="Alice",
+                to_uri=f"sip:{number}@127.0.0.1", request_uri=f"sip:{number}@127.0.0.1", identity="1001",
+                headers={},
+            )
+        )  # fmt: skip
+        await self.settle()
+
+    async def state(self, leg: str, state: str, code: int = 0, reason: str = "", by: str = "") -> None:
+        self.media.emit(
+            LegState(leg=leg, state=state, sip_code=code, reason=reason, sip_call_id="", released_by=by)
+        )
+        await self.settle()
+
+    def types(self) -> list[str]:
+        return [e.type for e in self.events]
+
+
+async def dial(f: Fixture, number: str = "1002") -> str:
+    await f.incoming(number)
+    [orig] = f.media.take()
+    assert isinstance(orig, Originate)
+    return orig.leg
+
+
+async def test_a_call_is_two_legs_bridged_on_one_worker() -> None:
+    f = Fixture()
+    await f.incoming("1002")
+    [orig] = f.media.take()
+    assert isinstance(orig, Originate)
+    assert orig.uri == "sip:1002@127.0.0.1" and orig.from_uri == "sip:1001@127.0.0.1"
+    assert orig.display_name == "Alice" and orig.timeout_s == 20
+    b = orig.leg
+    await f.state(b, "ringing", 180)
+    assert f.media.take() == [Answer(leg="w1-1", code=183), Tone(leg="w1-1", kind="ringback")]
+    await f.state(b, "confirmed", 200)
+    assert f.media.take() == [
+        StopTone(leg="w1-1"), Answer(leg="w1-1", code=200), Bridge(a="w1-1", b=b)
+    ]  # fmt: skip
+    await f.state("w1-1", "confirmed", 200)
+    await f.state(b, "disconnected", 200, "Normal call clearing", by="remote")
+    assert f.media.take() == [Hangup(leg="w1-1")]
+    await f.state("w1-1", "disconnected", 200, "", by="local")
+    assert f.types() == [
+        "call.initiated", "call.initiated", "call.ringing", "call.ringing", "call.answered",
+        "call.answered", "call.bridged", "call.bridged", "call.ended", "call.ended", "conversation.ended",
+    ]  # fmt: skip
+    ended = [e for e in f.events if isinstance(e, CallEnded)]
+    assert {(e.role, e.final_status, e.released_by) for e in ended} == {
+        ("callee", "completed", "remote"), ("caller", "completed", "local"),
+    }  # fmt: skip
+    assert not f.control.conversations and not f.control.legs
+
+
+async def test_early_media_from_the_callee_is_bridged_before_answer() -> None:
+    f = Fixture()
+    b = await dial(f)
+    await f.state(b, "early", 183)
+    assert f.media.take() == [
+        Answer(leg="w1-1", code=183), StopTone(leg="w1-1"), Bridge(a="w1-1", b=b)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "status", "caller_code"),
+    [
+        (486, "Busy Here", "busy", 486),
+        (603, "Decline", "rejected", 603),
+        (408, "timeout", "no_answer", 480),
+        (480, "Temporarily Unavailable", "no_answer", 480),
+        (500, "Server Internal Error", "failed", 500),
+    ],
+)
+async def test_callee_failure_maps_to_the_caller(
+    code: int, reason: str, status: str, caller_code: int
+) -> None:
+    f = Fixture()
+    b = await dial(f)
+    await f.state(b, "disconnected", code, reason, by="remote")
+    assert f.media.take() == [Reject(leg="w1-1", code=caller_code)]
+    await f.state("w1-1", "disconnected", caller_code, "", by="local")
+    ended = {e.role: e for e in f.events if isinstance(e, CallEnded)}
+    assert ended["callee"].final_status == status and ended["callee"].sip_code == code
+    assert ended["caller"].sip_code == caller_code
+    [conv] = [e for e in f.events if isinstance(e, ConversationEnded)]
+    assert conv.final_status == ended["caller"].final_status
+
+
+async def test_caller_cancel_cancels_the_callee() -> None:
+    f = Fixture()
+    b = await dial(f)
+    await f.state(b, "ringing", 180)
+    f.media.take()
+    await f.state("w1-1", "disconnected", 487, "Request Terminated", by="remote")
+    assert f.media.take() == [Hangup(leg=b)]
+    await f.state(b, "disconnected", 487, "", by="local")
+    ended = {e.role: e for e in f.events if isinstance(e, CallEnded)}
+    assert ended["caller"].final_status == "canceled" and ended["caller"].released_by == "remote"
+    assert ended["callee"].final_status == "canceled" and ended["callee"].released_by == "local"
+    assert f.types()[-1] == "conversation.ended"
+
+
+@pytest.mark.parametrize(
+    ("number", "code"),
+    [("1999", 404), ("1003", 480), ("5555", 404), ("0", 403), ("8000", 501)],
+)
+async def test_numbers_that_do_not_reach_anyone(number: str, code: int) -> None:
+    f = Fixture()
+    await f.incoming(number)
+    [cmd] = f.media.take()
+    assert isinstance(cmd, Reject) and cmd.code == code
+    await f.state("w1-1", "disconnected", code, "", by="local")
+    assert f.types() == ["call.initiated", "call.ended", "conversation.ended"]
+
+
+async def test_echo_answers_and_loops_audio_back() -> None:
+    f = Fixture()
+    await f.incoming("*97")
+    assert f.media.take() == [Answer(leg="w1-1", code=200), Echo(leg="w1-1")]
+
+
+async def test_originate_refused_by_the_worker_fails_the_call_with_503() -> None:
+    f = Fixture()
+    f.media.fail.add("originate")
+    await f.incoming("1002")
+    cmds = f.media.take()
+    assert isinstance(cmds[0], Originate) and cmds[1] == Reject(
+        leg="w1-1", code=503, reason="Service Unavailable"
+    )
+
+
+async def test_max_duration_ends_both_legs_with_time_limit() -> None:
+    f = Fixture()
+    b = await dial(f, "1004")
+    await f.state(b, "confirmed", 200)
+    await f.state("w1-1", "confirmed", 200)
+    f.media.take()
+    await asyncio.sleep(0.4)
+    await f.settle()
+    assert set(map(repr, f.media.take())) == {repr(Hangup(leg="w1-1")), repr(Hangup(leg=b))}
+    await f.state(b, "disconnected", 200, "", by="local")
+    await f.state("w1-1", "disconnected", 200, "", by="local")
+    ended = [e for e in f.events if isinstance(e, CallEnded)]
+    assert {e.final_status for e in ended} == {"time_limit"}
+    assert {e.released_by for e in ended} == {"system"}
+
+
+async def test_worker_death_fails_every_leg() -> None:
+    f = Fixture()
+    b = await dial(f)
+    await f.state(b, "confirmed", 200)
+    await f.state("w1-1", "confirmed", 200)
+    f.media.take()
+    await f.state(b, "disconnected", 500, "media worker died", by="system")
+    await f.state("w1-1", "disconnected", 500, "media worker died", by="system")
+    ended = [e for e in f.events if isinstance(e, CallEnded)]
+    assert {(e.final_status, e.released_by) for e in ended} == {("failed", "system")}
+
+
+def test_status_mapping_table() -> None:
+    assert final_status(200, "", answered=True) == "completed"
+    assert final_status(600, "", answered=False) == "busy"
+    assert final_status(487, "", answered=False) == "canceled"
+    assert caller_response("busy", 600) == 486
+    assert caller_response("failed", 503) == 500  # a 503 would make the phone think we are overloaded
