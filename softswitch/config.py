@@ -282,7 +282,11 @@ class MediaConfig(_Model):
     """The media plane: PJSUA2 worker processes and their RTP port range (ARCHITECTURE.md)."""
 
     workers: Literal["auto"] | int = "auto"
-    max_calls: int = Field(default=512, ge=1)
+    #: Legs the node holds before new calls get 503 (a bridged call is two legs).
+    max_calls: int = Field(default=512, ge=2)
+    #: New calls per second admitted from phones (a token bucket with one second of burst); beyond it
+    #: calls get 503 with Retry-After before they reach a worker.
+    max_cps: float = Field(default=100.0, gt=0)
     rtp_ports: str = "20000-29999"
 
     @field_validator("workers", mode="before")

@@ -37,6 +37,9 @@ class Metrics:
         self.auth_blocked = Counter(
             "softswitch_auth_blocked", "Requests refused (403) by the auth rate limiter", registry=r
         )
+        self.calls_refused = Counter(
+            "softswitch_calls_refused", "New calls answered 503 by admission control", ["reason"], registry=r
+        )
         self.events_published = Counter(
             "softswitch_events", "Events put on the in-process bus", ["type"], registry=r
         )

@@ -147,6 +147,7 @@ class MediaPool:
         self.max_calls = max_calls
         self._slots: list[WorkerHandle] = []
         self._subscribers: list[EventCallback] = []
+        self._death_callbacks: list[Callable[[WorkerHandle], None]] = []
         self._server: asyncio.Server | None = None
         self._control_port = 0
         self._ids = itertools.count(1)
@@ -211,6 +212,14 @@ class MediaPool:
             if handle.free > 0 and (best is None or handle.free > best.free):
                 best = handle
         return best
+
+    def on_worker_died(self, callback: Callable[[WorkerHandle], None]) -> None:
+        """Call `callback(handle)` when a worker process dies, before its legs are reported ended."""
+        self._death_callbacks.append(callback)
+
+    def legs_in_use(self) -> int:
+        """Legs held on every worker (the node-wide admission limit counts these)."""
+        return sum(len(handle.legs) for handle in self._slots)
 
     def worker_for_address(self, host: str, port: int) -> WorkerHandle | None:
         """The ready worker whose SIP transport is ``host:port`` (the edge trusts these)."""
@@ -359,6 +368,11 @@ class MediaPool:
         handle._pending.clear()
         legs = sorted(handle.legs)
         handle.legs.clear()
+        for callback in list(self._death_callbacks):
+            try:
+                callback(handle)
+            except Exception:
+                log.exception("worker death callback failed", worker_id=handle.id)
         if not self._stopping or legs:
             log_method = log.info if self._stopping else log.error
             log_method("media worker exited", worker_id=handle.id, pid=handle.pid, code=code, legs=len(legs))

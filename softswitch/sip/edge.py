@@ -19,6 +19,7 @@ import structlog
 from softswitch.events.types import DeviceRegistered, DeviceUnregistered, Event
 from softswitch.metrics import Metrics
 from softswitch.sip import proxy
+from softswitch.sip.dialogs import WorkerDialogs
 from softswitch.sip.digest import AuthOutcome, DigestAuthenticator
 from softswitch.sip.errors import SipError, SipParseError
 from softswitch.sip.flow import Flow
@@ -54,6 +55,25 @@ CALL_COMPLETED_ELSEWHERE = 'SIP;cause=200;text="Call completed elsewhere"'
 BindingChange = tuple[str, Binding]  # ("upsert" | "delete", binding)
 
 
+class TokenBucket:
+    """Admission by rate: `rate` tokens a second, at most `burst` saved up (sans-IO: `now` is given)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.updated: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self.updated is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class EdgeSettings:
     """What the core needs to know about itself (built from the configuration by the adapter)."""
@@ -67,6 +87,7 @@ class EdgeSettings:
     policy: RegistrarPolicy
     nonce_ttl_s: float = 300.0
     digest_algorithms: tuple[str, ...] = ("MD5",)
+    max_cps: float = 100.0  # new calls per second admitted to the media plane
     auth_max_failures: int = 5
     auth_failure_window_s: float = 60.0
     auth_block_s: float = 60.0
@@ -121,6 +142,8 @@ class EdgeCore:
         # With a media plane, every call from a phone goes to a B2BUA worker; without one (unit tests of
         # the proxy rules), calls are proxied user to user.
         self.media_dispatch = media_dispatch
+        self.worker_dialogs = WorkerDialogs()
+        self.admission = TokenBucket(rate=settings.max_cps, burst=max(1.0, settings.max_cps))
         self.is_us = IsUs(
             {settings.host, *settings.aliases},
             settings.port,
@@ -337,8 +360,12 @@ class EdgeCore:
     def _route_to_media(self, txn: ServerTransaction, identity: str | None, now: float) -> None:
         """A call from a phone becomes the A-leg of a conversation on the worker with most room."""
         assert self.media_dispatch is not None
+        if not self.admission.take(now):
+            self.metrics.calls_refused.labels(reason="rate").inc()
+            raise SipError(503, "Service Unavailable (call rate limit)", [("Retry-After", "1")])
         worker = self.media_dispatch()
         if worker is None:
+            self.metrics.calls_refused.labels(reason="capacity").inc()
             raise SipError(503, "Service Unavailable (no call capacity)", [("Retry-After", "5")])
         request = txn.request
         ctx = ProxyContext(server=txn, record_routed=True, caller_flow=txn.flow)
@@ -551,6 +578,7 @@ class EdgeCore:
 
     def _route_in_dialog(self, txn: ServerTransaction, route_uri: SipUri | None, now: float) -> None:
         request = txn.request
+        self.worker_dialogs.request_seen(request, txn.flow)
         if request.get_all("Route"):
             raise SipError(403, "Route to an unknown destination")
         if route_uri is None and not self.trusted(txn.flow):
@@ -749,8 +777,33 @@ class EdgeCore:
         out.pop_first_value("Via")
         if ctx.record_routed and out.status < 300:
             self._rewrite_record_route(out, ctx, branch)
+            if out.status >= 200 and ctx.server.is_invite:
+                self._track_worker_dialog(ctx, branch, response)
         self.metrics.sip_forwarded.labels(kind="response").inc()
         self.transactions.respond(ctx.server, out, now)
+
+    def _track_worker_dialog(self, ctx: ProxyContext, branch: ProxyBranch, ok: SipResponse) -> None:
+        """Remember a confirmed phone–worker dialog so the edge can end it if the worker dies."""
+        invite = ctx.server.request
+        if self.trusted(branch.flow) and not self.trusted(ctx.caller_flow):
+            self.worker_dialogs.confirmed(
+                invite, ok, phone=ctx.caller_flow, worker=branch.flow, phone_is_caller=True
+            )
+        elif self.trusted(ctx.caller_flow) and not self.trusted(branch.flow):
+            self.worker_dialogs.confirmed(
+                invite, ok, phone=branch.flow, worker=ctx.caller_flow, phone_is_caller=False
+            )
+
+    def end_worker_dialogs(self, host: str, port: int, now: float) -> int:
+        """The worker at host:port died: send BYE to every phone still in a call with it."""
+        byes = self.worker_dialogs.end_worker(
+            host, port, via_host=self.settings.host, via_port=self.settings.port
+        )
+        for bye, flow in byes:
+            self.transactions.send_request(bye, flow, now, branch=bye.top_via.branch or "", context=None)
+        if byes:
+            log.warning("ended calls of a failed media worker", worker=f"{host}:{port}", calls=len(byes))
+        return len(byes)
 
     def _rewrite_record_route(self, response: SipResponse, ctx: ProxyContext, branch: ProxyBranch) -> None:
         """§16.7 step 4: our entry toward the caller names the caller's transport and both flows."""

@@ -12,8 +12,9 @@ import itertools
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -63,9 +64,16 @@ def _load_secret(data_dir: Path) -> bytes:
     return value
 
 
+#: Legs a new call needs on its worker (caller and callee).
+LEGS_PER_CALL = 2
+
+
 class _Worker(Protocol):
     sip_host: str
     sip_port: int
+
+    @property
+    def free(self) -> int: ...
 
 
 class MediaWorkers(Protocol):
@@ -74,6 +82,10 @@ class MediaWorkers(Protocol):
     def choose(self) -> _Worker | None: ...
 
     def is_worker_address(self, host: str, port: int) -> bool: ...
+
+    def legs_in_use(self) -> int: ...
+
+    def on_worker_died(self, callback: Callable[[Any], None]) -> None: ...
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -145,6 +157,7 @@ class SipEdge:
             auth_failure_window_s=sip.auth_failure_window_s,
             auth_block_s=sip.auth_block_s,
             digest_algorithms=tuple(sip.digest_algorithms),
+            max_cps=self.config.media.max_cps,
         )
         passwords = {u.name: u.password for u in self.config.users}
         location = LocationService()
@@ -224,12 +237,25 @@ class SipEdge:
         """From now on calls from phones go to the media workers, which the edge trusts."""
         assert self.core is not None
 
+        max_legs = self.config.media.max_calls
+
         def dispatch() -> Flow | None:
+            # A new call takes two legs on one worker: the caller's and the callee's.
+            if pool.legs_in_use() + LEGS_PER_CALL > max_legs:
+                return None
             worker = pool.choose()
-            return None if worker is None else Flow("UDP", worker.sip_host, worker.sip_port)
+            if worker is None or worker.free < LEGS_PER_CALL:
+                return None
+            return Flow("UDP", worker.sip_host, worker.sip_port)
 
         self.core.trusted = lambda flow: pool.is_worker_address(flow.host, flow.port)
         self.core.media_dispatch = dispatch
+        pool.on_worker_died(self._worker_died)
+
+    def _worker_died(self, worker: _Worker) -> None:
+        assert self.core is not None
+        self.core.end_worker_dialogs(worker.sip_host, worker.sip_port, time.time())
+        self._drain()
 
     def has_binding(self, user: str) -> bool:
         return self.core is not None and bool(self.core.location.bindings(user))

@@ -563,3 +563,109 @@ def test_unreachable_device_fails_the_branch_at_once_with_480() -> None:
     [(resp, flow)] = h.take()
     assert isinstance(resp, SipResponse) and resp.status == 480 and flow == PHONE1
     assert "unreachable" in resp.reason
+
+
+WORKER = Flow("UDP", "127.0.0.1", 5090)
+
+
+def media_harness(**settings: object) -> tuple[Harness, list[Flow | None]]:
+    h = Harness(**settings)
+    choice: list[Flow | None] = [WORKER]
+    h.core.media_dispatch = lambda: choice[0]
+    h.core.trusted = lambda flow: flow == WORKER
+    return h, choice
+
+
+def test_calls_from_phones_go_to_a_media_worker_with_the_authenticated_identity() -> None:
+    h, _ = media_harness()
+    h.register("1001", PHONE1)
+    out = h.invite("1001", "1002", PHONE1, extra="X-Softswitch-Identity: 1004")
+    assert statuses(out) == [100, "INVITE"]
+    fwd, flow = out[1]
+    assert isinstance(fwd, SipRequest) and flow == WORKER
+    assert str(fwd.uri) == "sip:1002@127.0.0.1"  # the worker sees the dialed number
+    assert fwd.get_all("X-Softswitch-Identity") == ["1001"]  # ours, not the phone's
+    assert fwd.get_all("Record-Route")
+
+
+def test_worker_originated_calls_reach_the_user_without_a_challenge() -> None:
+    h, _ = media_harness()
+    h.register("1002", PHONE2)
+    invite = request_bytes(
+        "INVITE", "sip:1002@127.0.0.1", from_user="1001", via_host="127.0.0.1:5090",
+        contact="<sip:1001@127.0.0.1:5090>", extra="Route: <sip:127.0.0.1:5060;lr>",
+    )  # fmt: skip
+    out = h.send(invite, WORKER)
+    assert statuses(out) == [100, "INVITE"]
+    fwd, flow = out[1]
+    assert isinstance(fwd, SipRequest) and flow == PHONE2
+    assert fwd.get("X-Softswitch-Identity") is None
+
+
+def test_admission_refuses_by_rate_and_by_capacity_with_503() -> None:
+    h, choice = media_harness(max_cps=2.0)
+    h.register("1001", PHONE1)
+    first = [statuses(h.invite("1001", "1002", PHONE1))[-1] for _ in range(3)]
+    assert first == ["INVITE", "INVITE", 503]  # a burst of two, then the bucket is empty
+    h.now += 1.0
+    choice[0] = None  # every worker full
+    [(resp, _)] = [(m, f) for m, f in h.invite("1001", "1002", PHONE1)]
+    assert isinstance(resp, SipResponse) and resp.status == 503 and resp.get("Retry-After") == "5"
+    assert "capacity" in resp.reason
+
+
+def test_a_dead_workers_calls_are_ended_towards_the_phones() -> None:
+    h, _ = media_harness()
+    h.register("1001", PHONE1)
+    h.register("1002", PHONE2)
+    # Phone 1001 calls: the INVITE reaches the worker, the worker answers.
+    out = h.invite("1001", "1002", PHONE1)
+    to_worker = out[1][0]
+    assert isinstance(to_worker, SipRequest)
+    h.send(response_bytes(to_worker, 200, "OK", to_tag="wA", extra="Contact: <sip:w@127.0.0.1:5090>"), WORKER)
+    # The worker calls 1002 (leg B) through the edge; 1002 answers.
+    invite_b = request_bytes(
+        "INVITE", "sip:1002@127.0.0.1", from_user="1001", via_host="127.0.0.1:5090", cseq=7,
+        call_id="leg-b", contact="<sip:1001@127.0.0.1:5090>", extra="Route: <sip:127.0.0.1:5060;lr>",
+    )  # fmt: skip
+    out = h.send(invite_b, WORKER)
+    to_phone = out[1][0]
+    assert isinstance(to_phone, SipRequest)
+    h.send(
+        response_bytes(to_phone, 200, "OK", to_tag="p2", extra="Contact: <sip:1002@127.0.0.1:5072>"), PHONE2
+    )
+    assert len(h.core.worker_dialogs) == 2
+
+    assert h.core.end_worker_dialogs("127.0.0.1", 5090, h.now) == 2
+    byes = {flow: m for m, flow in h.take()}
+    bye_a, bye_b = byes[PHONE1], byes[PHONE2]
+    assert isinstance(bye_a, SipRequest) and isinstance(bye_b, SipRequest)
+    assert bye_a.method == bye_b.method == "BYE"
+    # To the caller: its Contact, with the dialog's tags reversed (RFC 3261 §12.2.1.1).
+    assert str(bye_a.uri) == "sip:1001@127.0.0.1:5071"
+    assert bye_a.from_.tag == "wA" and bye_a.to.tag == "from1001" and bye_a.call_id == to_worker.call_id
+    # To the callee: higher CSeq than the INVITE it got, tags as in the INVITE's dialog.
+    assert str(bye_b.uri) == "sip:1002@127.0.0.1:5072"
+    assert bye_b.cseq == (8, "BYE") and bye_b.from_.tag == "from1001" and bye_b.to.tag == "p2"
+    assert "media worker failed" in (bye_b.get("Reason") or "")
+    assert len(h.core.worker_dialogs) == 0
+
+
+def test_a_bye_forgets_the_worker_dialog() -> None:
+    h, _ = media_harness()
+    h.register("1001", PHONE1)
+    out = h.invite("1001", "1002", PHONE1)
+    to_worker = out[1][0]
+    assert isinstance(to_worker, SipRequest)
+    [(ok, _)] = h.send(
+        response_bytes(to_worker, 200, "OK", to_tag="wA", extra="Contact: <sip:w@127.0.0.1:5090>"), WORKER
+    )
+    assert isinstance(ok, SipResponse)
+    [route] = ok.get_all("Record-Route")
+    bye = request_bytes(
+        "BYE", "sip:w@127.0.0.1:5090", call_id=to_worker.call_id, cseq=3, to_tag="wA", contact=None,
+        to_uri="sip:1002@127.0.0.1", via_host="127.0.0.1:5071", extra=f"Route: {route}",
+    )  # fmt: skip
+    assert statuses(h.send(bye, PHONE1)) == ["BYE"]
+    assert len(h.core.worker_dialogs) == 0
+    assert h.core.end_worker_dialogs("127.0.0.1", 5090, h.now) == 0
