@@ -130,3 +130,16 @@ class ConversationEnded(Event):
     @property
     def subject(self) -> str:
         return self.conversation_id
+
+
+@dataclass(frozen=True, slots=True)
+class CdrCreated(Event):
+    """A conversation's CDR was written: the full record (EVENTS.md `cdr.created`)."""
+
+    type: ClassVar[str] = "cdr.created"
+    conversation_id: str
+    cdr: dict[str, object]
+
+    @property
+    def subject(self) -> str:
+        return self.conversation_id
