@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ _LWS = re.compile(r"[ \t]+")
 MAX_CSEQ_DIGITS = 10
 
 
+@functools.lru_cache(maxsize=1024)  # header names repeat: a few dozen distinct ones in practice
 def canonical_name(name: str) -> str:
     """Compact form → long form, lower-cased: the key headers are compared by."""
     name = name.strip()

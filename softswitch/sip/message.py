@@ -77,17 +77,13 @@ def new_tag() -> str:
 class Header:
     """One header line: the name as written, the unfolded value, and the original bytes."""
 
-    __slots__ = ("_key", "name", "raw", "value")
+    __slots__ = ("key", "name", "raw", "value")
 
     def __init__(self, name: str, value: str, raw: bytes | None = None) -> None:
         self.name = name
         self.value = value
         self.raw = raw
-        self._key = canonical_name(name)
-
-    @property
-    def key(self) -> str:
-        return self._key
+        self.key = canonical_name(name)  # compact form expanded, lower-cased: what lookups compare
 
     def __repr__(self) -> str:
         return f"Header({self.name!r}, {self.value!r})"
