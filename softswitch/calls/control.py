@@ -56,6 +56,8 @@ log = structlog.get_logger(__name__)
 
 #: Seconds a command to a worker may take before the call is failed.
 COMMAND_TIMEOUT_S = 5.0
+#: What a worker reports for an originated leg it cancelled at its ring timeout (RFC 3261 §21.4.9).
+RING_TIMEOUT_CODE = 408
 
 
 class MediaPlane(Protocol):
@@ -348,8 +350,13 @@ class CallControl:
             leg.sip_code = ev.sip_code
             leg.cause = ev.reason
             leg.released_by = ev.released_by or "remote"
+            # The system ends a leg on a failure (a worker died, shutdown) or when its ring timeout
+            # expired (the worker CANCELs it and reports 408): the latter is a no-answer, not a failure.
+            ring_timeout = ev.sip_code == RING_TIMEOUT_CODE and not answered
             leg.final_status = (
-                "failed" if ev.released_by == "system" else final_status(ev.sip_code, ev.reason, answered)
+                "failed"
+                if ev.released_by == "system" and not ring_timeout
+                else final_status(ev.sip_code, ev.reason, answered)
             )
         self._publish_ended(leg)
         for other in conv.live_legs():

@@ -64,10 +64,18 @@ class TokenBucket:
         self.tokens = burst
         self.updated: float | None = None
 
-    def take(self, now: float) -> bool:
+    def _refill(self, now: float) -> None:
         if self.updated is not None:
             self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
+
+    def available(self, now: float) -> bool:
+        """Whether a token could be taken now (without taking it)."""
+        self._refill(now)
+        return self.tokens >= 1.0
+
+    def take(self, now: float) -> bool:
+        self._refill(now)
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return True
@@ -87,7 +95,7 @@ class EdgeSettings:
     policy: RegistrarPolicy
     nonce_ttl_s: float = 300.0
     digest_algorithms: tuple[str, ...] = ("MD5",)
-    max_cps: float = 100.0  # new calls per second admitted to the media plane
+    max_cps: float = 30.0  # new calls per second admitted to the media plane
     auth_max_failures: int = 5
     auth_failure_window_s: float = 60.0
     auth_block_s: float = 60.0
@@ -345,6 +353,14 @@ class EdgeCore:
         proxy.check_loop(request, self.is_us)
         identity: str | None = None
         if not self.trusted(txn.flow):
+            if (
+                request.method == "INVITE"
+                and self.media_dispatch is not None
+                and not self.admission.available(now)
+            ):
+                # Shed load before spending a challenge round on a call that would be refused anyway.
+                self.metrics.calls_refused.labels(reason="rate").inc()
+                raise SipError(503, "Service Unavailable (call rate limit)", [("Retry-After", "1")])
             proxy.strip_untrusted_identity(request)
             identity = self._authenticate(txn, proxy_auth=True, now=now)
             if identity is None:
@@ -753,8 +769,9 @@ class EdgeCore:
         assert chosen.final is not None
         ctx.answered = True
         response = chosen.final
-        if response.status == 503:
+        if response.status == 503 and not self.trusted(chosen.flow):
             # §16.7 step 6: a 503 from downstream must not make upstream think *we* are overloaded.
+            # A media worker's 503 is ours: it means exactly that, and carries its Retry-After.
             response = response.copy()
             response.status, response.reason = 500, "Server Internal Error"
         self._send_upstream(ctx, chosen, response, now)

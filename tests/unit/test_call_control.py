@@ -254,3 +254,15 @@ def test_status_mapping_table() -> None:
     assert final_status(487, "", answered=False) == "canceled"
     assert caller_response("busy", 600) == 486
     assert caller_response("failed", 503) == 500  # a 503 would make the phone think we are overloaded
+
+
+async def test_ring_timeout_reported_by_the_worker_is_a_no_answer() -> None:
+    f = Fixture()
+    b = await dial(f)
+    await f.state(b, "ringing", 180)
+    f.media.take()
+    # The worker cancels the unanswered leg at the route's timeout and reports 408, released by system.
+    await f.state(b, "disconnected", 408, "timeout", by="system")
+    assert f.media.take() == [Reject(leg="w1-1", code=480)]
+    [ended] = [e for e in f.events if isinstance(e, CallEnded)]
+    assert ended.final_status == "no_answer"

@@ -605,13 +605,28 @@ def test_worker_originated_calls_reach_the_user_without_a_challenge() -> None:
 def test_admission_refuses_by_rate_and_by_capacity_with_503() -> None:
     h, choice = media_harness(max_cps=2.0)
     h.register("1001", PHONE1)
-    first = [statuses(h.invite("1001", "1002", PHONE1))[-1] for _ in range(3)]
-    assert first == ["INVITE", "INVITE", 503]  # a burst of two, then the bucket is empty
+    assert [statuses(h.invite("1001", "1002", PHONE1))[-1] for _ in range(2)] == ["INVITE", "INVITE"]
+    # The bucket (a burst of two) is empty: the next call is refused before any challenge round.
+    shed = request_bytes("INVITE", "sip:1002@127.0.0.1", call_id="shed")
+    [(resp, _)] = h.send(shed, PHONE1)
+    assert isinstance(resp, SipResponse) and resp.status == 503 and resp.get("Retry-After") == "1"
     h.now += 1.0
     choice[0] = None  # every worker full
     [(resp, _)] = [(m, f) for m, f in h.invite("1001", "1002", PHONE1)]
     assert isinstance(resp, SipResponse) and resp.status == 503 and resp.get("Retry-After") == "5"
     assert "capacity" in resp.reason
+
+
+def test_a_workers_503_reaches_the_caller_unchanged() -> None:
+    h, _ = media_harness()
+    h.register("1001", PHONE1)
+    out = h.invite("1001", "1002", PHONE1)
+    to_worker = out[1][0]
+    assert isinstance(to_worker, SipRequest)
+    out = h.send(
+        response_bytes(to_worker, 503, "Service Unavailable", to_tag="w", extra="Retry-After: 5"), WORKER
+    )
+    assert statuses(out) == ["ACK", 503]
 
 
 def test_a_dead_workers_calls_are_ended_towards_the_phones() -> None:
