@@ -6,7 +6,39 @@ module-level registry, so tests can build as many nodes as they like in one inte
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+#: What the media pool reports per worker slot: (slot, capacity in legs, legs in use, restarts, ready).
+WorkerStats = tuple[str, int, int, int, bool]
+
+
+class _WorkersCollector(Collector):
+    """Per-worker figures read from the pool when /metrics is scraped (never stale, nothing to update)."""
+
+    def __init__(self, source: Callable[[], Iterable[WorkerStats]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        capacity = GaugeMetricFamily(
+            "softswitch_worker_capacity_legs", "Legs the media worker holds, as it probed", labels=["slot"]
+        )
+        used = GaugeMetricFamily("softswitch_worker_legs", "Legs in use on the media worker", labels=["slot"])
+        ready = GaugeMetricFamily(
+            "softswitch_worker_ready", "1 while the media worker serves", labels=["slot"]
+        )
+        restarts = CounterMetricFamily(
+            "softswitch_worker_restarts", "Times the worker slot's process was replaced", labels=["slot"]
+        )
+        for slot, cap, legs, restarted, is_ready in self.source():
+            capacity.add_metric([slot], cap)
+            used.add_metric([slot], legs)
+            ready.add_metric([slot], 1.0 if is_ready else 0.0)
+            restarts.add_metric([slot], restarted)
+        yield from (capacity, used, ready, restarts)
 
 
 class Metrics:
@@ -43,6 +75,27 @@ class Metrics:
         self.events_published = Counter(
             "softswitch_events", "Events put on the in-process bus", ["type"], registry=r
         )
+        self.mqtt_published = Counter(
+            "softswitch_mqtt_events_published",
+            "Events and snapshots the MQTT broker acknowledged (QoS 1 PUBACK)",
+            ["type"],
+            registry=r,
+        )
+        self.outbox_queued = Gauge(
+            "softswitch_outbox_queued",
+            "Events in the durable outbox awaiting the broker's PUBACK",
+            registry=r,
+        )
+        self.outbox_dropped = Counter(
+            "softswitch_outbox_dropped", "Events dropped because the outbox was full", ["type"], registry=r
+        )
+        self.mqtt_connected = Gauge(
+            "softswitch_mqtt_connected", "1 while the MQTT sink is connected to its broker", registry=r
+        )
+
+    def watch_workers(self, source: Callable[[], Iterable[WorkerStats]]) -> None:
+        """Export per-worker capacity, legs in use, readiness and restarts from `source` at each scrape."""
+        self.registry.register(_WorkersCollector(source))
 
     def render(self) -> bytes:
         """The text exposition format served at /metrics."""

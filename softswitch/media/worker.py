@@ -997,8 +997,11 @@ class Worker:
     def _from_account(self, id_uri: str) -> _Account:
         """An account whose From is ``id_uri`` (pjsua 2.12 takes From from the account, RFC 3261 §8.1.1.3).
 
-        Accounts are cached by From; when the cache is full an idle one is replaced, and when every one
-        carries calls the least recently used is modified (its calls keep their dialogs' own From).
+        Accounts are cached by From; when the cache is full an idle one (else the least recently used;
+        its calls keep their dialogs' own From) is modified to the new From. Accounts are never shut down
+        and re-created while the library runs: pjsua2 2.12's `Account.shutdown()` leaves the object's id
+        set, and when that Python object is collected its destructor deleted whichever account had been
+        created in the freed slot since (calls then failed with PJ_EINVALIDOP, "account is not valid").
         """
         account = self._from_accounts.get(id_uri)
         if account is not None:
@@ -1007,17 +1010,12 @@ class Worker:
         if len(self._from_accounts) >= self.from_account_limit:
             idle = next(
                 (key for key, acc in self._from_accounts.items() if self._account_refs[acc.getId()] <= 0),
-                None,
+                next(iter(self._from_accounts)),
             )
-            if idle is None:
-                _, account = self._from_accounts.popitem(last=False)
-                account.modify(self._account_config(id_uri, via_edge=True))
-                self._from_accounts[id_uri] = account
-                return account
-            old = self._from_accounts.pop(idle)
-            old_id = old.getId()
-            old.shutdown()
-            self._account_refs.pop(old_id, None)
+            account = self._from_accounts.pop(idle)
+            account.modify(self._account_config(id_uri, via_edge=True))
+            self._from_accounts[id_uri] = account
+            return account
         account = _Account(self)
         account.create(self._account_config(id_uri, via_edge=True))
         self._from_accounts[id_uri] = account

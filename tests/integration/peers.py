@@ -36,9 +36,9 @@ SIPP_STAT_PERIOD_S = 1  # -fd: a stats row a second, so a killed run still leave
 PROCESS_STOP_TIMEOUT_S = 5.0  # SIGTERM to exit for a peer process, then SIGKILL
 PORT_SEARCH_ATTEMPTS = 200  # free-port probes before giving up (each is one bind on loopback)
 # Port ranges (several consecutive ports) come from below Linux's ephemeral range (32768-60999), so
-# outgoing connections cannot take them, and above the softswitch's default RTP range (20000-29999).
-PORT_RANGE_FLOOR = 30_000
-PORT_RANGE_CEILING = 32_768
+# outgoing connections cannot take them, and outside the softswitch's default RTP range (20000-29999):
+# 10000-19999 and 30000-32767 (a whole suite's worth of RTP ranges does not fit in the second alone).
+PORT_RANGES = ((10_000, 20_000), (30_000, 32_768))
 
 BARESIP_START_TIMEOUT_S = 10.0  # until the control socket accepts: baresip starts in well under 1 s
 BARESIP_MAX_LIFETIME_S = 600  # `baresip -t`: a leaked instance quits by itself after this
@@ -82,7 +82,8 @@ def free_port(*, span: int = 1, udp: bool = True, tcp: bool = True, step: int = 
             sock.bind((LOOPBACK, 0))
             base = int(sock.getsockname()[1])
         if span > 1:
-            base = random.randrange(PORT_RANGE_FLOOR, PORT_RANGE_CEILING - span * step)
+            floor, ceiling = random.choice(PORT_RANGES)
+            base = random.randrange(floor, ceiling - span * step)
         ports = [base + i * step for i in range(span)]
         with _handed_out_lock:
             if any(p in _handed_out for p in ports):

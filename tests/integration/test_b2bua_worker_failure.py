@@ -4,8 +4,10 @@ and the next call works (ARCHITECTURE.md: a PJSIP fault kills one worker's legs,
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,6 +84,12 @@ def test_killed_worker_ends_its_calls_and_is_replaced(
         ),
         RESTART_TIMEOUT_S,
     ), "the new worker never became ready"
+    # /metrics shows the slot's restart and the new worker's probed capacity.
+    with urllib.request.urlopen(edge.http_url("/metrics"), timeout=5) as response:
+        metrics = response.read().decode()
+    assert re.search(r'^softswitch_worker_restarts_total\{slot="0"\} 1\.0$', metrics, re.M), metrics
+    capacity = re.search(r'^softswitch_worker_capacity_legs\{slot="0"\} (\S+)$', metrics, re.M)
+    assert capacity is not None and float(capacity.group(1)) > 0, metrics
     # The node serves calls again on the new worker.
     caller.dial(f"sip:1002@127.0.0.1:{edge.sip_port}")
     for phone in (caller, callee):

@@ -651,3 +651,37 @@ def test_a_burst_of_calls_answered_over_the_protocol(controller: TinyController,
     assert controller.proc is not None and controller.proc.poll() is None  # still serving
     assert controller.ok(Shutdown()) == {"legs": 0}
     assert controller.wait_exit() == 0, controller.log_tail()
+
+
+DISTINCT_CALLERS = 150  # well beyond the 62 From accounts one worker keeps
+
+
+@pytest.mark.timeout(120)
+def test_originate_from_more_callers_than_the_worker_has_accounts(
+    controller: TinyController, sipp: Sipp
+) -> None:
+    """Each From identity needs a pjsua account; past the cache size idle accounts are reused. Every
+    originated leg still leaves with its own From (none fails with "account is not valid")."""
+    uas_port = free_port()
+    uas = sipp.start("uas_busy", None, local_port=uas_port, calls=DISTINCT_CALLERS, timeout_s=100)
+    time.sleep(0.3)
+    controller.start_worker(edge_port=uas_port, rtp_span=RTP_SPAN)
+    for i in range(DISTINCT_CALLERS):
+        leg = f"o-{i}"
+        controller.ok(
+            Originate(leg=leg, uri=f"sip:1002@{LOOPBACK}:{uas_port}", from_uri=f"sip:{3000 + i}@{LOOPBACK}")
+        )
+        ended = controller.wait_state(leg, "disconnected")
+        assert ended.sip_code == 486, (i, ended)
+        if i % 25 == 0:
+            gc_pause = 0.2  # give the worker's periodic garbage collection a chance to run between bursts
+            time.sleep(gc_pause)
+    result = uas.wait()
+    assert result.successful == DISTINCT_CALLERS, result.describe()
+    froms = [
+        m.split("\nFrom:", 1)[1].split("\n", 1)[0] if "\nFrom:" in m else ""
+        for m in result.received_messages()
+        if m.startswith("INVITE ")
+    ]
+    assert any(f"sip:{3000 + DISTINCT_CALLERS - 1}@" in f for f in froms), froms[-3:]
+    assert controller.proc is not None and controller.proc.poll() is None
