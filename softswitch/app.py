@@ -10,6 +10,8 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +21,13 @@ from fastapi import FastAPI
 
 from softswitch import __version__
 from softswitch.api.http import HttpServer, build_http_app
+from softswitch.calls.cdr import CdrBuilder, recover_open_cdrs
 from softswitch.calls.control import CallControl
 from softswitch.config import Config
 from softswitch.dialplan.loader import load_dialplan
 from softswitch.events.broker import EmbeddedBroker
 from softswitch.events.bus import EventBus
+from softswitch.events.mqtt import MqttSink
 from softswitch.media.pool import MediaPool
 from softswitch.metrics import Metrics
 from softswitch.sip.transport import SipEdge
@@ -57,6 +61,7 @@ class Node:
         self.store: Store | None = None
         self.edge: SipEdge | None = None
         self.media: MediaPool | None = None
+        self.mqtt: MqttSink | None = None
         self.calls: CallControl | None = None
         self.broker: EmbeddedBroker | None = None
         self.http_app: FastAPI = build_http_app(
@@ -85,6 +90,26 @@ class Node:
                 trunks={t.name for t in config.trunks} or None,
             )
 
+            # Event sinks first, so that everything the node does from now on is recorded and published;
+            # stopped last (after call control released its calls), in reverse order.
+            sink = MqttSink(config, store, self.metrics, node_name())
+            self.bus.subscribe(sink)
+            mqtt_port: int | None = None
+            if config.mqtt.embedded:
+                broker = EmbeddedBroker(config.mqtt.host, config.mqtt.port)
+                await broker.start()
+                self.broker = broker
+                self._stack.push_async_callback(broker.stop)
+                mqtt_port = broker.port
+            await sink.start((config.mqtt.host, mqtt_port) if mqtt_port is not None else None)
+            self.mqtt = sink
+            self._stack.push_async_callback(sink.stop)
+            cdrs = CdrBuilder(store, self.bus)
+            for event in recover_open_cdrs(store, time.time()):
+                self.bus.publish(event)  # records a crash left open, closed as failed
+            cdrs.start()
+            self._stack.push_async_callback(cdrs.stop)
+
             edge = SipEdge(config, store, self.bus, self.metrics)
             await edge.start()
             self.edge = edge
@@ -99,6 +124,9 @@ class Node:
                 max_calls=config.media.max_calls,
             )
             self.media = pool
+            self.metrics.watch_workers(
+                lambda: [(str(w.slot), w.capacity, len(w.legs), w.restarts, w.ready) for w in pool.workers]
+            )
             self._stack.push_async_callback(pool.stop)
             await pool.start()
 
@@ -114,14 +142,6 @@ class Node:
             self.calls = control
             self._stack.push_async_callback(control.stop)
             edge.attach_media(pool)
-
-            mqtt_port: int | None = None
-            if config.mqtt.embedded:
-                broker = EmbeddedBroker(config.mqtt.host, config.mqtt.port)
-                await broker.start()
-                self.broker = broker
-                self._stack.push_async_callback(broker.stop)
-                mqtt_port = broker.port
 
             def publish_ports(http_port: int) -> None:
                 self.ports = Ports(sip=edge.port, http=http_port, mqtt=mqtt_port)
@@ -149,6 +169,11 @@ class Node:
         """Stop everything that started, in reverse order. Safe to call more than once."""
         stack, self._stack = self._stack, AsyncExitStack()
         await stack.aclose()
+
+
+def node_name() -> str:
+    """The node's name in event sources and outbox rows: the host name, stable across restarts."""
+    return socket.gethostname() or "node-1"
 
 
 def write_ports_file(path: Path, ports: Ports) -> None:

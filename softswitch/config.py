@@ -285,9 +285,9 @@ class MediaConfig(_Model):
     #: Legs the node holds before new calls get 503 (a bridged call is two legs).
     max_calls: int = Field(default=512, ge=2)
     #: New calls per second admitted from phones (a token bucket with one second of burst); beyond it
-    #: calls get 503 with Retry-After before they reach a worker. About 40 calls/s complete cleanly on
-    #: 2 cores (bench/call_bench.py): the default keeps headroom for the calls in progress.
-    max_cps: float = Field(default=30.0, gt=0)
+    #: calls get 503 with Retry-After before they reach a worker. About 20 calls/s complete cleanly on
+    #: 2 cores with events and CDRs (docs/performance.md): the default keeps headroom.
+    max_cps: float = Field(default=15.0, gt=0)
     rtp_ports: str = "20000-29999"
 
     @field_validator("workers", mode="before")

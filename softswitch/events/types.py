@@ -1,14 +1,33 @@
 """Typed, frozen events of the vocabulary in docs/events.md (EVENTS.md).
 
-Each event names its `type` (the CloudEvents type) and its `subject` (the conversation, agent, queue or
-device it is about). Call-control code publishes these on the bus; sinks turn them into MQTT messages,
+Each event names its `type` (the CloudEvents type), its `subject` (the conversation, agent, queue or
+device it is about) and the kind of that subject (`subject_kind`: the `seq` counter of the envelope runs
+per kind and subject). Call-control code publishes these on the bus; sinks turn them into MQTT messages,
 webhooks and rows.
+
+Fields whose values form a documented set (EVENTS.md: `direction`, `role`, `final_status`, …) stay `str`
+so that producers need no casts; each class lists those sets in `value_sets`, from which the JSON Schemas
+of `softswitch.events.schemas` take their `enum`s.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
+
+#: `direction` of a leg, seen from the softswitch (EVENTS.md "Call events").
+DIRECTIONS = ("inbound", "outbound")
+#: `role` of a leg in its conversation.
+ROLES = ("caller", "callee", "agent", "customer", "supervisor", "consult")
+#: `final_status` of a leg or conversation (`call.ended`, `conversation.ended`, CDRs).
+FINAL_STATUSES = ("completed", "busy", "no_answer", "rejected", "canceled", "failed", "time_limit")
+#: `released_by` of `call.ended`: which side ended the leg.
+RELEASED_BY = ("local", "remote", "system")
+#: `reason` of `device.registered`: a new binding, or a known one registered again.
+REGISTERED_REASONS = ("registered", "refreshed")
+#: `reason` of `device.unregistered` (RFC 3261 §10.2.2 removal, §10.3 expiry, a replaced flow).
+UNREGISTERED_REASONS = ("unregistered", "expired", "replaced")
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +35,10 @@ class Event:
     """Base of every event."""
 
     type: ClassVar[str] = ""
+    #: What `subject` names: "conversation", "device", "agent" or "queue".
+    subject_kind: ClassVar[str] = ""
+    #: Documented value sets of this event's string fields (field name -> allowed values).
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     @property
     def subject(self) -> str:
@@ -27,6 +50,8 @@ class DeviceRegistered(Event):
     """A contact binding was added or refreshed for a user (RFC 3261 §10.3)."""
 
     type: ClassVar[str] = "device.registered"
+    subject_kind: ClassVar[str] = "device"
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {"reason": REGISTERED_REASONS}
     user: str
     contact: str
     transport: str
@@ -45,6 +70,8 @@ class DeviceUnregistered(Event):
     """A contact binding went away: removed by the phone, expired, or replaced."""
 
     type: ClassVar[str] = "device.unregistered"
+    subject_kind: ClassVar[str] = "device"
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {"reason": UNREGISTERED_REASONS}
     user: str
     contact: str
     transport: str
@@ -62,6 +89,9 @@ class DeviceUnregistered(Event):
 class CallEvent(Event):
     """Fields every call event carries: which conversation and leg, and who talks to whom."""
 
+    subject_kind: ClassVar[str] = "conversation"
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {"direction": DIRECTIONS, "role": ROLES}
+
     conversation_id: str
     call_id: str  # the leg
     sip_call_id: str
@@ -78,6 +108,8 @@ class CallEvent(Event):
 
 @dataclass(frozen=True, slots=True)
 class CallInitiated(CallEvent):
+    """A leg was created: an INVITE arrived or was sent (RFC 3261 §13.2, §13.3)."""
+
     type: ClassVar[str] = "call.initiated"
     user: str | None = None
     trunk: str | None = None
@@ -85,31 +117,46 @@ class CallInitiated(CallEvent):
 
 @dataclass(frozen=True, slots=True)
 class CallRinging(CallEvent):
+    """The far end of a leg alerts: 180, or 183 with early media (RFC 3261 §13.2.2.1, RFC 3960)."""
+
     type: ClassVar[str] = "call.ringing"
     early_media: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class CallAnswered(CallEvent):
+    """A leg was answered: 2xx to its INVITE (RFC 3261 §13.2.2.4)."""
+
     type: ClassVar[str] = "call.answered"
     answered_by: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class CallBridged(CallEvent):
+    """A leg's media was joined to `peer_call_id`'s."""
+
     type: ClassVar[str] = "call.bridged"
     peer_call_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class CallUnbridged(CallEvent):
+    """A leg's media was split from `peer_call_id`'s."""
+
     type: ClassVar[str] = "call.unbridged"
     peer_call_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class CallEnded(CallEvent):
+    """A leg ended: BYE, CANCEL or a final non-2xx response (RFC 3261 §15, §9, §13.2.2.3)."""
+
     type: ClassVar[str] = "call.ended"
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        **CallEvent.value_sets,
+        "final_status": FINAL_STATUSES,
+        "released_by": RELEASED_BY,
+    }
     final_status: str = "completed"  # completed|busy|no_answer|rejected|canceled|failed|time_limit
     released_by: str = "remote"  # local|remote|system
     sip_code: int = 0
@@ -121,7 +168,11 @@ class CallEnded(CallEvent):
 
 @dataclass(frozen=True, slots=True)
 class ConversationEnded(Event):
+    """Every leg of a conversation has ended; its CDR is complete after this (EVENTS.md)."""
+
     type: ClassVar[str] = "conversation.ended"
+    subject_kind: ClassVar[str] = "conversation"
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {"final_status": FINAL_STATUSES}
     conversation_id: str
     legs: tuple[str, ...]
     duration_s: float
@@ -134,9 +185,13 @@ class ConversationEnded(Event):
 
 @dataclass(frozen=True, slots=True)
 class CdrCreated(Event):
-    """A conversation's CDR was written: the full record (EVENTS.md `cdr.created`)."""
+    """A conversation's CDR was written: the full record (EVENTS.md `cdr.created`).
+
+    The last event of a conversation: its `seq` counter is dropped once this is published.
+    """
 
     type: ClassVar[str] = "cdr.created"
+    subject_kind: ClassVar[str] = "conversation"
     conversation_id: str
     cdr: dict[str, object]
 

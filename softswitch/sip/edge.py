@@ -95,7 +95,7 @@ class EdgeSettings:
     policy: RegistrarPolicy
     nonce_ttl_s: float = 300.0
     digest_algorithms: tuple[str, ...] = ("MD5",)
-    max_cps: float = 30.0  # new calls per second admitted to the media plane
+    max_cps: float = 15.0  # new calls per second admitted to the media plane
     auth_max_failures: int = 5
     auth_failure_window_s: float = 60.0
     auth_block_s: float = 60.0
