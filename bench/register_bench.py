@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,46 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ROOT / "sipp_scenarios"
+from common import SCENARIOS, free_port, proc_stats, start_softswitch
+
 USERS = 200  # distinct users registering (2000..2199)
 SIPP_TIMEOUT_S = 120  # hard stop of one SIPp run
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-
-
-def proc_stats(pid: int) -> tuple[float, int]:
-    """CPU seconds (user+system) and RSS bytes of a process and its children, from /proc."""
-    cpu = 0.0
-    rss = 0
-    tick = os.sysconf("SC_CLK_TCK")
-    page = os.sysconf("SC_PAGE_SIZE")
-    for p in [pid, *children(pid)]:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            cpu += (int(fields[11]) + int(fields[12])) / tick
-            rss += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
-        except (OSError, IndexError, ValueError):
-            continue
-    return cpu, rss
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def write_users(path: Path) -> list[tuple[str, str]]:
@@ -76,34 +39,6 @@ def write_users(path: Path) -> list[tuple[str, str]]:
     lines += [f"{u};[authentication username={u} password={p}]" for u, p in users]
     path.write_text("\n".join(lines) + "\n")
     return users
-
-
-def start_softswitch(work: Path, users: list[tuple[str, str]]) -> tuple[subprocess.Popen[bytes], int]:
-    data = work / "data"
-    sip, http, mqtt = free_port(), free_port(), free_port()
-    cfg = work / "softswitch.toml"
-    user_tables = "".join(f'\n[[users]]\nname = "{u}"\npassword = "{p}"\n' for u, p in users)
-    cfg.write_text(
-        f'data_dir = "{data}"\n[sip]\nlisten = "127.0.0.1:{sip}"\ndomain = "127.0.0.1"\n'
-        f"auth_max_failures = 1000\n[media]\nworkers = 1\n"
-        f'[http]\nlisten = "127.0.0.1:{http}"\n[mqtt]\nurl = "embedded://127.0.0.1:{mqtt}"\n'
-        f'[log]\nlevel = "warning"\n[store]\nurl = "sqlite:///{data}/softswitch.db"\n{user_tables}'
-    )
-    exe = ROOT / ".venv" / "bin" / "softswitch"
-    log = open(work / "softswitch.log", "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        [str(exe), "serve", "--config", str(cfg)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 60
-    while not (data / "ports.json").exists():
-        if proc.poll() is not None or time.time() > deadline:
-            raise SystemExit(f"softswitch did not start: see {work / 'softswitch.log'}")
-        time.sleep(0.1)
-    return proc, sip
 
 
 def run_sipp(
