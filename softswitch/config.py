@@ -616,7 +616,7 @@ class Config(_Model):
             return self
         problems = cross_check(self)
         if problems:
-            raise ValueError("; ".join(f"{_format_loc(loc)}: {reason}" for loc, reason in problems))
+            raise ValueError("; ".join(f"{format_loc(loc)}: {reason}" for loc, reason in problems))
         return self
 
     def find_user(self, name: str) -> UserConfig | None:
@@ -695,7 +695,7 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
     for i, (loc, host, port) in enumerate(tcp_listeners):
         for other_loc, other_host, other_port in tcp_listeners[:i]:
             if port != 0 and port == other_port and _hosts_overlap(host, other_host):
-                problems.append((loc, f"port {port} is also used by {_format_loc(other_loc)}"))
+                problems.append((loc, f"port {port} is also used by {format_loc(other_loc)}"))
     return problems
 
 
@@ -704,7 +704,8 @@ def _hosts_overlap(a: str, b: str) -> bool:
     return a == b or a in wildcard or b in wildcard
 
 
-def _format_loc(loc: Loc) -> str:
+def format_loc(loc: Loc) -> str:
+    """A validation location as a key path: `users[0].password` (the form every config error uses)."""
     text = ""
     for part in loc:
         if isinstance(part, int):
@@ -873,8 +874,8 @@ def _data_path(data: Any, loc: Sequence[str | int]) -> Loc:
 def _located(source: str, locator: _KeyLocator, overrides: dict[Loc, str], loc: Loc, reason: str) -> str:
     for key, variable in overrides.items():
         if loc[: len(key)] == key:
-            return f"environment {variable}: {_format_loc(loc)}: {reason}"
-    return f"{source}:{locator.line_of(loc)}: {_format_loc(loc)}: {reason}"
+            return f"environment {variable}: {format_loc(loc)}: {reason}"
+    return f"{source}:{locator.line_of(loc)}: {format_loc(loc)}: {reason}"
 
 
 class _KeyLocator:

@@ -25,6 +25,7 @@ from typing import Literal
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from softswitch.config import Loc, format_loc
 from softswitch.dialplan.actions import (
     ACTION_TYPES,
     DEFAULT_IVR_ATTEMPTS,
@@ -71,7 +72,6 @@ MATCH_KEYS = ("match", "regex", "range")
 _TOP_LEVEL_KEYS = ("version", "routes", "ivr")
 _MENU_KEYS = ("prompt", "options", "timeout_s", "max_attempts", "fallback")
 
-Loc = tuple[str | int, ...]
 Reference = Literal["", "user", "queue", "trunk", "menu"]
 
 
@@ -173,16 +173,6 @@ def _shape(node: Node) -> str:
     if isinstance(node, SequenceNode):
         return "a list"
     return f"{node.value!r}"
-
-
-def _format_loc(loc: Loc) -> str:
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else part
-    return text or "(top level)"
 
 
 def _type_name(value: object) -> str:
@@ -346,10 +336,10 @@ class _Reader:
         return [text for _, text in sorted(self._problems, key=lambda item: item[0])]
 
     def problem(self, line: int, loc: Loc, reason: str) -> None:
-        self._problems.append((line, f"{self.source}:{line}: {_format_loc(loc)}: {reason}"))
+        self._problems.append((line, f"{self.source}:{line}: {format_loc(loc)}: {reason}"))
 
     def warn(self, line: int, loc: Loc, reason: str) -> None:
-        self._warnings.append((line, f"{self.source}:{line}: {_format_loc(loc)}: {reason}"))
+        self._warnings.append((line, f"{self.source}:{line}: {format_loc(loc)}: {reason}"))
 
     # -- generic shapes -----------------------------------------------------------------------------
 

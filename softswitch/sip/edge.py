@@ -10,6 +10,7 @@ of the target user; responses are chosen per §16.7.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -176,6 +177,7 @@ class EdgeCore:
         self.binding_changes: list[BindingChange] = []
         self._contexts: dict[int, ProxyContext] = {}  # by server transaction id
         self._timer_c: dict[int, tuple[ProxyContext, ProxyBranch]] = {}
+        self._timer_c_heap: list[tuple[float, int]] = []  # (deadline, branch key), lazily pruned
 
     # -- entry points ---------------------------------------------------------------------------
 
@@ -208,19 +210,41 @@ class EdgeCore:
                 self._reply_stateless(message, flow, 500, "Server Internal Error")
 
     def next_timer(self) -> float | None:
-        candidates = [t for t in (self.transactions.next_timer(), self.location.next_expiry()) if t]
-        candidates += [b.timer_c for _, b in self._timer_c.values() if b.timer_c is not None]
+        candidates = [
+            t
+            for t in (self.transactions.next_timer(), self.location.next_expiry(), self._next_timer_c())
+            if t
+        ]
         return min(candidates) if candidates else None
 
     def handle_timers(self, now: float) -> None:
         self.transactions.handle_timers(now)
         for binding in self.registrar.expire(now):
             self._binding_gone(binding, "expired")
-        for key, (ctx, branch) in list(self._timer_c.items()):
-            if branch.timer_c is not None and branch.timer_c <= now:
-                del self._timer_c[key]
-                branch.timer_c = None
-                self._cancel_branch(ctx, branch, now, reason=None)
+        while self._timer_c_heap and self._timer_c_heap[0][0] <= now:
+            at, key = heapq.heappop(self._timer_c_heap)
+            entry = self._timer_c.get(key)
+            if entry is None or entry[1].timer_c != at:
+                continue  # answered, failed or re-armed since
+            ctx, branch = entry
+            del self._timer_c[key]
+            branch.timer_c = None
+            self._cancel_branch(ctx, branch, now, reason=None)
+
+    def _arm_timer_c(self, ctx: ProxyContext, branch: ProxyBranch, at: float) -> None:
+        branch.timer_c = at
+        self._timer_c[id(branch)] = (ctx, branch)
+        heapq.heappush(self._timer_c_heap, (at, id(branch)))
+
+    def _next_timer_c(self) -> float | None:
+        # Entries of answered or re-armed branches linger in the heap; they are dropped here.
+        while self._timer_c_heap:
+            at, key = self._timer_c_heap[0]
+            entry = self._timer_c.get(key)
+            if entry is not None and entry[1].timer_c == at:
+                return at
+            heapq.heappop(self._timer_c_heap)
+        return None
 
     def flow_failed(self, flow: Flow, now: float) -> None:
         """The adapter could not reach `flow` (TCP connect refused): fail its requests at once.
@@ -561,8 +585,7 @@ class EdgeCore:
         pb.txn = self.transactions.send_request(request, flow, now, branch=branch, context=(ctx, pb))
         self.metrics.sip_forwarded.labels(kind="request").inc()
         if request.method == "INVITE":
-            pb.timer_c = now + TIMER_C
-            self._timer_c[id(pb)] = (ctx, pb)
+            self._arm_timer_c(ctx, pb, now + TIMER_C)
 
     # -- in-dialog requests (RFC 3261 §16.12 loose routing) ---------------------------------------
 
@@ -712,7 +735,7 @@ class EdgeCore:
             if status == 100:
                 return
             if branch.timer_c is not None:
-                branch.timer_c = now + TIMER_C
+                self._arm_timer_c(ctx, branch, now + TIMER_C)  # RFC 3261 §16.7 step 2: reset by a 1xx
             if not ctx.answered and not ctx.cancelled:
                 self._send_upstream(ctx, branch, response, now)
             return

@@ -684,3 +684,19 @@ def test_a_bye_forgets_the_worker_dialog() -> None:
     assert statuses(h.send(bye, PHONE1)) == ["BYE"]
     assert len(h.core.worker_dialogs) == 0
     assert h.core.end_worker_dialogs("127.0.0.1", 5090, h.now) == 0
+
+
+def test_timer_c_cancels_a_branch_that_rings_too_long_and_a_provisional_resets_it() -> None:
+    h = Harness()
+    h.register("1001", PHONE1)
+    h.register("1002", PHONE2)
+    fwd = h.invite("1001", "1002", PHONE1)[1][0]
+    assert isinstance(fwd, SipRequest)
+    h.send(response_bytes(fwd, 180, "Ringing", to_tag="c"), PHONE2)
+    h.tick(100)
+    h.send(response_bytes(fwd, 180, "Ringing", to_tag="c"), PHONE2)  # re-arms Timer C
+    assert "CANCEL" not in statuses(h.tick(170))
+    out = h.tick(15)  # 185 s after the last provisional
+    # One CANCEL (retransmitted over UDP until answered), for the ringing branch.
+    assert set(statuses(out)) == {"CANCEL"} and {f for _, f in out} == {PHONE2}
+    assert {m.top_via.branch for m, _ in out} == {fwd.top_via.branch}
