@@ -24,7 +24,7 @@ from softswitch.api.http import HttpServer, build_http_app
 from softswitch.calls.cdr import CdrBuilder, recover_open_cdrs
 from softswitch.calls.control import CallControl
 from softswitch.config import Config
-from softswitch.dialplan.loader import load_dialplan
+from softswitch.dialplan.configured import load_configured_dialplan, prompt_set
 from softswitch.events.broker import EmbeddedBroker
 from softswitch.events.bus import EventBus
 from softswitch.events.mqtt import MqttSink
@@ -83,12 +83,7 @@ class Node:
             self.store = store
             self._stack.callback(store.close)
 
-            dialplan = load_dialplan(
-                config.dialplan,
-                users={u.name for u in config.users},
-                queues={q.id for q in config.queues} or None,
-                trunks={t.name for t in config.trunks} or None,
-            )
+            dialplan = load_configured_dialplan(config)
 
             # Event sinks first, so that everything the node does from now on is recorded and published;
             # stopped last (after call control released its calls), in reverse order.
@@ -137,6 +132,7 @@ class Node:
                 users={u.name: u.display_name for u in config.users},
                 has_binding=edge.has_binding,
                 domain=config.sip.domain,
+                prompts=prompt_set(config),
             )
             control.start()
             self.calls = control

@@ -17,7 +17,8 @@ import structlog
 
 from softswitch import __version__
 from softswitch.config import DEMO_CONFIG_TOML, Config, ConfigError, load_config
-from softswitch.dialplan.loader import DialplanError, load_dialplan
+from softswitch.dialplan.configured import load_configured_dialplan
+from softswitch.dialplan.loader import DialplanError
 from softswitch.logging import configure_logging
 
 EXIT_OK = 0
@@ -72,14 +73,7 @@ def check_config(path: Path) -> int:
 
 def check_dialplan(config: Config) -> None:
     """Load the configured dialplan with the configuration's names; raises DialplanError."""
-    load_dialplan(
-        config.dialplan,
-        users={u.name for u in config.users},
-        # Queues and trunks are checked once the configuration defines some: until then their routes
-        # answer callers with an error instead of keeping the node from starting.
-        queues={q.id for q in config.queues} or None,
-        trunks={t.name for t in config.trunks} or None,
-    )
+    load_configured_dialplan(config)
 
 
 def serve(path: Path | None) -> int:

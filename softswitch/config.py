@@ -67,6 +67,9 @@ prefix = "softswitch/v1"
 level = "info"
 format = "auto"                    # console on a terminal, JSON otherwise
 
+[prompts]
+language = "en"                    # the shipped set: "en" or "zh"; dir = "./prompts" adds your recordings
+
 [[users]]
 name = "1001"
 password = "demo1001"
@@ -433,6 +436,24 @@ class LogConfig(_Model):
     sip_trace: bool = False
 
 
+class PromptsConfig(_Model):
+    """The prompt set played to callers: the shipped English or Mandarin set, and the operator's own
+    recordings (`dir`, same names, searched first: `{dir}/{language}/NAME.wav`, then `{dir}/NAME.wav`)."""
+
+    language: Literal["en", "zh"] = "en"
+    dir: PathField | None = None
+
+    @field_validator("dir")
+    @classmethod
+    def _resolve_dir(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        resolved = value if value.is_absolute() else (_cwd(info) / value).resolve()
+        if not resolved.is_dir():
+            raise ValueError(f"{str(resolved)!r} is not a directory")
+        return resolved
+
+
 Permission = Literal["internal", "external"]
 
 
@@ -571,6 +592,7 @@ class Config(_Model):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     users: list[UserConfig] = Field(default_factory=list)
     agents: list[AgentConfig] = Field(default_factory=list)
     queues: list[QueueConfig] = Field(default_factory=list)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from softswitch.calls.apps import LegChannel, LegGone, playback
 from softswitch.calls.models import (
     Conversation,
     ConversationState,
@@ -28,6 +29,7 @@ from softswitch.events.bus import EventBus
 from softswitch.events.types import (
     CallAnswered,
     CallBridged,
+    CallDtmf,
     CallEnded,
     CallEvent,
     CallInitiated,
@@ -42,13 +44,16 @@ from softswitch.media.protocol import (
     Echo,
     Event,
     Hangup,
+    LegDtmf,
     LegIncoming,
     Originate,
+    PlayerDone,
     Reject,
     StopTone,
     Tone,
 )
 from softswitch.media.protocol import LegState as LegStateEvent
+from softswitch.prompts import PromptError, PromptSet
 from softswitch.sip.errors import SipError
 from softswitch.sip.uri import parse_uri
 
@@ -108,6 +113,7 @@ class CallControl:
         users: Mapping[str, str],  # user name -> display name
         has_binding: Callable[[str], bool],
         domain: str,
+        prompts: PromptSet | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.media = media
@@ -116,12 +122,14 @@ class CallControl:
         self.users = users
         self.has_binding = has_binding
         self.domain = domain
+        self.prompts = prompts or PromptSet()
         self.clock = clock
         self.conversations: dict[str, Conversation] = {}
         self.legs: dict[str, Leg] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._channels: dict[str, LegChannel] = {}  # legs a dialplan application runs on
         self._leg_ids = itertools.count(1)
         self._node = secrets.token_hex(3)
 
@@ -144,7 +152,23 @@ class CallControl:
             leg = self.legs.get(event.leg)
             if leg is None:
                 return
+            self._to_channel(event.leg, event)
             self._spawn(self._leg_state(leg, event))
+        elif isinstance(event, LegDtmf):
+            leg = self.legs.get(event.leg)
+            if leg is None:
+                return
+            self._publish(
+                CallDtmf, leg, digit=event.digit, duration_ms=event.duration_ms, method=event.method
+            )
+            self._to_channel(event.leg, event)
+        elif isinstance(event, PlayerDone):
+            self._to_channel(event.leg, event)
+
+    def _to_channel(self, leg_id: str, event: Event) -> None:
+        channel = self._channels.get(leg_id)
+        if channel is not None:
+            channel.inbox.put_nowait(event)
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
@@ -163,14 +187,17 @@ class CallControl:
         return lock
 
     async def _send(self, worker_id: str, cmd: Command) -> bool:
+        return await self._command(worker_id, cmd) is not None
+
+    async def _command(self, worker_id: str, cmd: Command) -> dict[str, Any] | None:
+        """The command's result, or None when it failed (logged)."""
         try:
-            await self.media.command(worker_id, cmd, COMMAND_TIMEOUT_S)
-            return True
+            return await self.media.command(worker_id, cmd, COMMAND_TIMEOUT_S)
         except CommandError as e:
             log.info("media command failed", command=cmd.type, code=e.code, error=e.message)
         except (TimeoutError, ConnectionError, KeyError) as e:
             log.warning("media command not delivered", command=cmd.type, error=repr(e))
-        return False
+        return None
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -225,9 +252,44 @@ class CallControl:
         elif isinstance(action, actions.Echo):
             if await self._send(a.worker_id, Answer(leg=a.id, code=200)):
                 await self._send(a.worker_id, Echo(leg=a.id))
+        elif isinstance(action, actions.Playback):
+            try:
+                self.prompts.path(action.prompt)
+            except PromptError as exc:
+                log.error("dialplan names a prompt that is missing", prompt=action.prompt, error=str(exc))
+                await self._reject(a, 500, "Prompt Not Available")
+                return
+            # Outside the conversation lock: the application waits for the caller, and the leg's state
+            # changes (a hang-up above all) must be processed meanwhile.
+            self._spawn(self._run_playback(conv, a, action))
         else:
             log.info("dialplan action not available", action=type(action).__name__)
             await self._reject(a, 501, "Not Implemented")
+
+    async def _run_playback(self, conv: Conversation, leg: Leg, action: actions.Playback) -> None:
+        channel = LegChannel(leg.id, lambda cmd: self._command(leg.worker_id, cmd))
+        self._channels[leg.id] = channel
+        with structlog.contextvars.bound_contextvars(conversation_id=conv.id, call_id=leg.id):
+            try:
+                await playback(channel, action, self.prompts)
+                failed = False
+            except LegGone:
+                return
+            except PromptError as exc:
+                log.error("prompt missing during playback", error=str(exc))
+                failed = True
+            finally:
+                self._channels.pop(leg.id, None)
+            async with self._lock(conv.id):
+                if leg.ended or leg.final_status:
+                    return
+                leg.released_by = "local"
+                if failed:
+                    leg.final_status, leg.sip_code = "failed", 500
+                else:
+                    leg.final_status = "completed" if leg.answered_at is not None else "failed"
+                    leg.sip_code = 200
+                await self._send(leg.worker_id, Hangup(leg=leg.id))
 
     async def _reject(self, leg: Leg, code: int, reason: str) -> None:
         leg.sip_code = code
@@ -318,6 +380,9 @@ class CallControl:
         self._publish(CallAnswered, leg, answered_by=leg.user or leg.to)
         if leg.role == "caller":
             callee = self._callee(conv)
+            if callee is None and conv.state is ConversationState.SETUP:
+                conv.move(ConversationState.ACTIVE)  # answered by the node itself (echo, playback)
+                conv.answered_at = now
             if callee is not None and callee.state is LegState.ANSWERED:
                 self._bridged(callee, leg)
             return

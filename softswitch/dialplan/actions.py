@@ -192,11 +192,12 @@ class Echo(_ActionBase):
 
 @dataclass(frozen=True, slots=True)
 class Playback(_ActionBase):
-    """Answer, play a prompt of the prompt set by name, then do `then` (v0: hang up)."""
+    """Answer, play a prompt of the prompt set by name, then do `then`: hang up, or read back the digits
+    the caller keys (ended by `#` or a pause) and hang up."""
 
     KIND: ClassVar[str] = "playback"
     prompt: str
-    then: Literal["hangup"] = "hangup"
+    then: Literal["hangup", "readback"] = "hangup"
 
 
 @dataclass(frozen=True, slots=True)

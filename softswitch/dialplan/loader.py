@@ -72,7 +72,7 @@ MATCH_KEYS = ("match", "regex", "range")
 _TOP_LEVEL_KEYS = ("version", "routes", "ivr")
 _MENU_KEYS = ("prompt", "options", "timeout_s", "max_attempts", "fallback")
 
-Reference = Literal["", "user", "queue", "trunk", "menu"]
+Reference = Literal["", "user", "queue", "trunk", "menu", "prompt"]
 
 
 class DialplanError(Exception):
@@ -89,11 +89,13 @@ def load_dialplan(
     users: Collection[str] | None = None,
     queues: Collection[str] | None = None,
     trunks: Collection[str] | None = None,
+    prompts: Collection[str] | None = None,
 ) -> Dialplan:
     """Read and validate the dialplan file at `path`; raises `DialplanError`.
 
-    `users`, `queues` and `trunks`, when given, are the names the configuration defines: a literal `dial`
-    target, `queue` or `trunk` naming anything else is an error. None skips that check.
+    `users`, `queues`, `trunks` and `prompts`, when given, are the names the configuration (and the prompt
+    set) defines: a literal `dial` target, `queue`, `trunk` or prompt naming anything else is an error.
+    None skips that check.
     """
     try:
         with open(path, "rb") as stream:
@@ -107,7 +109,7 @@ def load_dialplan(
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise DialplanError([f"{path}:{line}: not UTF-8 text: {exc.reason}"]) from None
-    return parse_dialplan(text, str(path), users=users, queues=queues, trunks=trunks)
+    return parse_dialplan(text, str(path), users=users, queues=queues, trunks=trunks, prompts=prompts)
 
 
 def parse_dialplan(
@@ -117,10 +119,11 @@ def parse_dialplan(
     users: Collection[str] | None = None,
     queues: Collection[str] | None = None,
     trunks: Collection[str] | None = None,
+    prompts: Collection[str] | None = None,
 ) -> Dialplan:
     """Validate dialplan `text` named `source` (used in messages); see `load_dialplan`."""
     root = _compose(text, source)
-    reader = _Reader(source, users=users, queues=queues, trunks=trunks)
+    reader = _Reader(source, users=users, queues=queues, trunks=trunks, prompts=prompts)
     dialplan = reader.dialplan(root)
     if reader.problems or dialplan is None:
         raise DialplanError(reader.sorted_problems())
@@ -273,9 +276,10 @@ ACTION_FIELDS: dict[str, dict[str, _FieldSpec]] = {
         "prompt": _Text(
             _PROMPT_CHARS,
             "a prompt name of letters, digits, '.', '_' or '-'",
+            reference="prompt",
             literal_rule=r"[A-Za-z0-9_].*",
         ),
-        "then": _Choice(("hangup",)),
+        "then": _Choice(("hangup", "readback")),
     },
     "hangup": {
         "code": _Integer(400, 699, "a SIP final error status 400-699 (RFC 3261 §21.4-21.6)"),
@@ -296,6 +300,7 @@ ACTION_FIELDS: dict[str, dict[str, _FieldSpec]] = {
 _MENU_PROMPT = _Text(
     _PROMPT_CHARS,
     "a prompt name of letters, digits, '.', '_' or '-'",
+    reference="prompt",
     literal_only=True,
     literal_rule=r"[A-Za-z0-9_].*",
 )
@@ -316,6 +321,7 @@ class _Reader:
         users: Collection[str] | None,
         queues: Collection[str] | None,
         trunks: Collection[str] | None,
+        prompts: Collection[str] | None = None,
     ) -> None:
         self.source = source
         self.references: dict[Reference, Collection[str] | None] = {
@@ -323,6 +329,7 @@ class _Reader:
             "queue": queues,
             "trunk": trunks,
             "menu": None,
+            "prompt": prompts,
         }
         self._problems: list[tuple[int, str]] = []
         self._warnings: list[tuple[int, str]] = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Final
 
 #: `direction` of a leg, seen from the softswitch (EVENTS.md "Call events").
 DIRECTIONS = ("inbound", "outbound")
@@ -82,6 +82,8 @@ class DeviceUnregistered(Event):
         return self.user
 
 
+DTMF_METHODS: Final = ("rfc4733", "info")
+
 # -- call events (EVENTS.md "Call events") -------------------------------------------------------------
 
 
@@ -145,6 +147,17 @@ class CallUnbridged(CallEvent):
 
     type: ClassVar[str] = "call.unbridged"
     peer_call_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CallDtmf(CallEvent):
+    """A key pressed on a leg: an RFC 4733 telephone-event or a SIP INFO (application/dtmf-relay)."""
+
+    type: ClassVar[str] = "call.dtmf"
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {**CallEvent.value_sets, "method": DTMF_METHODS}
+    digit: str = ""
+    duration_ms: int = 0
+    method: str = "rfc4733"  # rfc4733|info
 
 
 @dataclass(frozen=True, slots=True)

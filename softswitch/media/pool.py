@@ -35,6 +35,7 @@ from softswitch.media.protocol import (
     LegIncoming,
     LegState,
     Originate,
+    Ping,
     ProtocolError,
     Reply,
     Shutdown,
@@ -61,6 +62,9 @@ HIGH_CAPACITY_MIN_LEGS: Final = 64
 MAX_AUTO_WORKERS: Final = 64  # "auto" with the fallback wheel never starts more than this
 MIN_RTP_PORTS_PER_WORKER: Final = 4  # RTP+RTCP for two legs: less is a configuration error
 LEGS_PER_CALL: Final = 2  # a bridged call is two legs (ARCHITECTURE.md)
+HEALTH_INTERVAL_S: Final = 2.0  # a ready worker is pinged this often ...
+HEALTH_TIMEOUT_S: Final = 2.0  # ... must reply within this (its main loop answers; a poll is ≤ 10 ms) ...
+HEALTH_MAX_MISSES: Final = 3  # ... and is killed (then restarted) after this many misses in a row
 WORKER_DIED_CODE: Final = 500
 WORKER_DIED_REASON: Final = "media worker died"
 
@@ -88,6 +92,7 @@ class WorkerHandle:
     ready: bool = False
     legs: set[str] = field(default_factory=set)
     started_at: float = 0.0
+    missed_pings: int = 0  # health checks in a row without a reply
     process: asyncio.subprocess.Process | None = field(default=None, repr=False)
     _writer: asyncio.StreamWriter | None = field(default=None, repr=False)
     _pending: dict[int, asyncio.Future[Reply]] = field(default_factory=dict, repr=False)
@@ -488,7 +493,39 @@ class MediaPool:
             pid=first.pid,
         )
         self._publish(handle.id, first)
+        self._track(asyncio.create_task(self._health(handle), name=f"media-health-{handle.id}"))
         return handle
+
+    async def _health(self, handle: WorkerHandle) -> None:
+        """Ping the worker's main loop; one that stops answering (a hung library call, a deadlock) is
+        killed, and its watcher fails its legs and restarts it as for any other death."""
+        while not self._stopping and not handle._dead:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            if self._stopping or handle._dead or not handle.ready:
+                return
+            try:
+                await self.command(handle.id, Ping(), HEALTH_TIMEOUT_S)
+                handle.missed_pings = 0
+                continue
+            except CommandError as exc:
+                if handle._dead or not handle.ready:
+                    return
+                handle.missed_pings += 1
+                log.warning(
+                    "media worker missed a health check",
+                    worker_id=handle.id,
+                    missed=handle.missed_pings,
+                    error=exc.message,
+                )
+            if handle.missed_pings >= HEALTH_MAX_MISSES:
+                log.error(
+                    "media worker unresponsive: killing it",
+                    worker_id=handle.id,
+                    pid=handle.pid,
+                    legs=len(handle.legs),
+                )
+                await self._kill(handle)
+                return
 
     async def _reap_after_eof(self, handle: WorkerHandle) -> None:
         """A worker exits when its control connection ends; one that does not is killed."""

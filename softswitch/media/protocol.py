@@ -186,6 +186,13 @@ class SendDtmf(Command):
 
 
 @dataclass(frozen=True)
+class Ping(Command):
+    """Health check: the worker replies from its main loop with the legs it holds."""
+
+    type: ClassVar[str] = "ping"
+
+
+@dataclass(frozen=True)
 class Shutdown(Command):
     """Hang up every leg and exit cleanly."""
 
@@ -271,6 +278,7 @@ class LegDtmf(Event):
     leg: str
     digit: str
     method: str
+    duration_ms: int = 0  # 0 when the library does not know it (an RFC 4733 event is reported at its start)
 
 
 @dataclass(frozen=True)
@@ -326,6 +334,7 @@ COMMAND_TYPES: Final[dict[str, type[Command]]] = {
         StopTone,
         Echo,
         SendDtmf,
+        Ping,
         Shutdown,
     )
 }

@@ -70,6 +70,7 @@ from softswitch.media.protocol import (
     LegMedia,
     LegState,
     Originate,
+    Ping,
     Play,
     PlayerDone,
     ProtocolError,
@@ -90,7 +91,8 @@ log = structlog.get_logger("softswitch.media.worker")
 LOOPBACK: Final = "127.0.0.1"  # the worker's SIP and RTP address: only the edge and local peers reach it
 
 # --- the poll loop
-POLL_MS: Final = 10  # libHandleEvents slice: bounds command latency, ~100 idle wake-ups per second
+POLL_MS: Final = 10  # libHandleEvents slice when idle: ~100 wake-ups per second (a command wakes it)
+KEEPALIVE: Final = b"\r\n\r\n"  # RFC 5626 CRLF keep-alive: the datagram that wakes the main loop
 MAX_COMMANDS_PER_POLL: Final = 64  # commands executed between two polls, so a burst cannot starve SIP I/O
 GC_INTERVAL_S: Final = 5.0  # cyclic GC runs on the main thread only (see the module docstring)
 CONNECT_TIMEOUT_S: Final = 10.0  # to reach the controller on loopback; it is listening before it spawns us
@@ -126,6 +128,7 @@ MAX_LEG_ID_LEN: Final = 128  # leg ids are short controller-made tokens
 MAX_ORIGINATE_TIMEOUT_S: Final = 3600.0  # a ring longer than an hour is a controller bug
 MAX_EXTRA_HEADERS: Final = 32  # extra headers on an originate: a few X-* and P-* in practice
 MAX_HEADER_VALUE_LEN: Final = 1024  # per forwarded or added header value: keeps every frame small
+MAX_DTMF_DURATION_MS: Final = 60_000  # a longer reported key press is the library's "unknown"
 MAX_PLAY_FILES: Final = 64  # files in one play command (a spoken number is a dozen prompts)
 MAX_DTMF_DIGITS: Final = 32  # digits in one send_dtmf command
 DTMF_DIGITS: Final = frozenset("0123456789*#ABCDabcd")
@@ -305,7 +308,29 @@ class Outbox:
                 self.broken.set()
 
 
-def read_commands(sock: socket.socket, commands: queue.SimpleQueue[Command | None]) -> None:
+class Waker:
+    """Ends the main thread's ``libHandleEvents`` slice at once when a command arrives.
+
+    The library waits in epoll on its own sockets only, so a command queued by the reader thread would
+    wait up to POLL_MS. A CRLF keep-alive datagram (RFC 5626 §3.5.1) to the worker's own UDP SIP port wakes
+    it; pjsip recognises and drops keep-alives without parsing them as a message.
+    """
+
+    def __init__(self, port: int) -> None:
+        self._address = (LOOPBACK, port)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def __call__(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.sendto(KEEPALIVE, self._address)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def read_commands(
+    sock: socket.socket, commands: queue.SimpleQueue[Command | None], wake: Callable[[], None] = lambda: None
+) -> None:
     """Reader thread: decode commands into ``commands``; ``None`` marks the end of the connection."""
     decoder = FrameDecoder()
     try:
@@ -314,10 +339,14 @@ def read_commands(sock: socket.socket, commands: queue.SimpleQueue[Command | Non
             if not data:
                 log.info("controller closed the connection")
                 return
+            queued = False
             for message in decoder.feed(data):
                 if not isinstance(message, Command):
                     raise ProtocolError(f"a worker accepts commands only, got {type(message).__name__}")
                 commands.put(message)
+                queued = True
+            if queued:
+                wake()
     except ProtocolError as exc:
         log.error("protocol error from the controller: closing", error=str(exc))
     except OSError as exc:
@@ -382,7 +411,8 @@ class _Call(pj.Call):  # type: ignore[misc]
 
     @_guarded
     def onDtmfDigit(self, prm: Any) -> None:
-        self.worker._on_dtmf(self, str(prm.digit), int(prm.method))
+        duration = int(getattr(prm, "duration", 0) or 0)
+        self.worker._on_dtmf(self, str(prm.digit), int(prm.method), duration)
 
 
 class _Account(pj.Account):  # type: ignore[misc]
@@ -522,11 +552,18 @@ class Worker:
                 pjsip=version,
                 protocol=PROTOCOL_VERSION,
             )
+            waker = Waker(self.sip_port)
             reader = threading.Thread(
-                target=read_commands, args=(sock, self._commands), name="control-reader", daemon=True
+                target=read_commands,
+                args=(sock, self._commands, waker),
+                name="control-reader",
+                daemon=True,
             )
             reader.start()
-            self._serve()
+            try:
+                self._serve()
+            finally:
+                waker.close()
         finally:
             self._destroy()
         return 0
@@ -840,13 +877,15 @@ class Worker:
         if active:
             self._media_dirty.add(leg.id)
 
-    def _on_dtmf(self, call: _Call, digit: str, method: int) -> None:
+    def _on_dtmf(self, call: _Call, digit: str, method: int, duration_ms: int) -> None:
         leg = self._legs.get(call.leg_id)
         if leg is None or leg.reported:
             return
         name = "info" if method == pj.PJSUA_DTMF_METHOD_SIP_INFO else "rfc4733"
         assert name in DTMF_METHODS
-        self._emit(LegDtmf(leg.id, digit, name))
+        # PJSUA_UNKNOWN_DTMF_DURATION (all bits set) and other nonsense read as "not known".
+        known = duration_ms if 0 < duration_ms <= MAX_DTMF_DURATION_MS else 0
+        self._emit(LegDtmf(leg.id, digit, name, known))
 
     # ------------------------------------------------------------------------------- media
 
@@ -1157,6 +1196,10 @@ class Worker:
         leg.call.dialDtmf(cmd.digits)
         return {}
 
+    def _cmd_ping(self, cmd: Ping) -> dict[str, Any]:
+        """Answered from the main loop: a reply proves the loop turns, not just the reader thread."""
+        return {"legs": len(self._legs)}
+
     def _cmd_shutdown(self, cmd: Shutdown) -> dict[str, Any]:
         self._stopping = True
         return {"legs": len(self._legs)}
@@ -1174,6 +1217,7 @@ class Worker:
         StopTone: _cmd_stop_tone,
         Echo: _cmd_echo,
         SendDtmf: _cmd_send_dtmf,
+        Ping: _cmd_ping,
         Shutdown: _cmd_shutdown,
     }
 

@@ -227,6 +227,20 @@ class SippResult:
         """Text of every SIP message SIPp sent, retransmissions included (needs message tracing)."""
         return self._traced("sent")
 
+    def message_times(self, start: str, direction: str = "received") -> list[float]:
+        """Wall-clock times (epoch seconds) of the traced messages whose first line starts with ``start``."""
+        times: list[float] = []
+        pattern = re.compile(
+            r"-{20,} (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\n[A-Z]+ message " + direction
+            + r"[^\n]*\n\n(.*?)\n",
+            re.S,
+        )  # fmt: skip
+        for match in pattern.finditer(self.messages):
+            if match.group(2).startswith(start):
+                stamp = time.strptime(match.group(1).split(".")[0], "%Y-%m-%d %H:%M:%S")
+                times.append(time.mktime(stamp) + float("0." + match.group(1).split(".")[1]))
+        return times
+
     def received_statuses(self) -> list[int]:
         """Status codes of every response SIPp received, in order (needs message tracing)."""
         statuses: list[int] = []

@@ -201,17 +201,7 @@ def _received(result: SippResult, start: str) -> list[str]:
 
 
 def _message_times(result: SippResult, start: str, direction: str = "received") -> list[float]:
-    """Wall-clock times (epoch seconds) of the traced messages whose first line starts with ``start``."""
-    times: list[float] = []
-    pattern = re.compile(
-        r"-{20,} (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\n[A-Z]+ message " + direction + r"[^\n]*\n\n(.*?)\n",
-        re.S,
-    )
-    for match in pattern.finditer(result.messages):
-        if match.group(2).startswith(start):
-            stamp = time.strptime(match.group(1).split(".")[0], "%Y-%m-%d %H:%M:%S")
-            times.append(time.mktime(stamp) + float("0." + match.group(1).split(".")[1]))
-    return times
+    return result.message_times(start, direction)
 
 
 def _healthz(node: RunningSoftswitch) -> dict[str, object]:

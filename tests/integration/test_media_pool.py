@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from softswitch.media.pool import WORKER_DIED_REASON, MediaPool, WorkerHandle, split_port_range
+from softswitch.media.pool import (
+    HEALTH_INTERVAL_S,
+    HEALTH_MAX_MISSES,
+    HEALTH_TIMEOUT_S,
+    WORKER_DIED_REASON,
+    MediaPool,
+    WorkerHandle,
+    split_port_range,
+)
 from softswitch.media.protocol import CommandError, Event, Hangup, LegState, Originate, WorkerReady
 from tests.integration.peers import LOOPBACK, Sipp, SippProcess, free_port
 
@@ -29,6 +37,8 @@ EVENT_TIMEOUT_S = 10.0  # call set-up on loopback takes milliseconds
 RESTART_TIMEOUT_S = 30.0  # back-off (0.5 s) + spawn + probe + worker.ready
 UAS_CALLS = 10  # calls the SIPp UAS accepts before it would exit; it is stopped at the end anyway
 UAS_TIMEOUT_S = 90.0
+# Health checks: a stopped worker misses HEALTH_MAX_MISSES pings (interval + timeout each) before the kill.
+HEALTH_DETECT_S = (HEALTH_INTERVAL_S + HEALTH_TIMEOUT_S) * (HEALTH_MAX_MISSES + 1) + EVENT_TIMEOUT_S
 
 
 class Collector:
@@ -213,3 +223,48 @@ async def test_auto_starts_one_worker_per_core_with_the_high_capacity_engine() -
     finally:
         await pool.stop()
     assert _processes_with(f"{LOOPBACK}:{pool.control_port}") == []
+
+
+@pytest.mark.timeout(120)
+async def test_unresponsive_worker_is_killed_and_replaced(sipp: Sipp) -> None:
+    """A worker whose main loop stops (here: SIGSTOP, as a hung library call would look) misses its health
+    checks; the pool kills it, fails its legs with a cause and starts a new worker in its slot."""
+    uas, uas_port = _start_uas(sipp)
+    rtp_low = free_port(span=RTP_SPAN, udp=True, tcp=False)
+    pool = MediaPool(
+        workers=1,
+        rtp_ports=(rtp_low, rtp_low + RTP_SPAN - 1),
+        edge_host=LOOPBACK,
+        edge_port=uas_port,
+        max_calls_per_worker=LEGS_PER_WORKER,
+    )
+    events = Collector()
+    pool.subscribe(events)
+    try:
+        await pool.start()
+        (worker,) = pool.workers
+        await _originate(pool, events, worker, "h-1", uas_port)
+        await asyncio.sleep(HEALTH_INTERVAL_S * 1.5)
+        assert worker.missed_pings == 0  # a live worker answers its pings
+
+        os.kill(worker.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        _, died = await events.wait(
+            lambda w, e: isinstance(e, LegState) and e.leg == "h-1" and e.state == "disconnected",
+            HEALTH_DETECT_S,
+        )
+        detected_s = time.monotonic() - stopped_at
+        assert isinstance(died, LegState) and died.reason == WORKER_DIED_REASON, died
+        # Not before HEALTH_MAX_MISSES checks had their time to fail.
+        assert detected_s >= HEALTH_TIMEOUT_S * HEALTH_MAX_MISSES, detected_s
+        assert worker.process is not None and worker.process.returncode == -signal.SIGKILL
+
+        new_id, _ = await events.wait(
+            lambda w, e: isinstance(e, WorkerReady) and w != worker.id, RESTART_TIMEOUT_S
+        )
+        (replacement,) = pool.workers
+        assert replacement.id == new_id and replacement.restarts == 1 and replacement.ready
+        await _originate(pool, events, replacement, "h-2", uas_port)
+    finally:
+        await pool.stop()
+        uas.stop()

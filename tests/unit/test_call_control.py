@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from softswitch.calls.control import CallControl, caller_response, final_status
 from softswitch.dialplan import actions
 from softswitch.events.bus import EventBus
-from softswitch.events.types import CallEnded, ConversationEnded, Event
+from softswitch.events.types import CallDtmf, CallEnded, ConversationEnded, Event
 from softswitch.media.protocol import (
     Answer,
     Bridge,
@@ -20,14 +21,19 @@ from softswitch.media.protocol import (
     CommandError,
     Echo,
     Hangup,
+    LegDtmf,
     LegIncoming,
     LegState,
     Originate,
+    Play,
+    PlayerDone,
     Reject,
+    StopPlay,
     StopTone,
     Tone,
 )
 from softswitch.media.protocol import Event as MediaEvent
+from softswitch.prompts import PromptError, PromptSet
 
 
 class ScriptedMedia:
@@ -42,6 +48,8 @@ class ScriptedMedia:
         self.commands.append(cmd)
         if cmd.type in self.fail:
             raise CommandError("capacity", "worker full")
+        if isinstance(cmd, Play):
+            return {"duration_s": 1.0}
         return {}
 
     def subscribe(self, callback: Callable[[str, MediaEvent], None]) -> None:
@@ -62,6 +70,12 @@ class Plan:
             return actions.Dial(target=number, timeout_s=20, max_duration_s=0.3 if number == "1004" else None)
         if number == "*97":
             return actions.Echo()
+        if number == "*98":
+            return actions.Playback(prompt="enter_digits", then="readback")
+        if number == "*99":
+            return actions.Playback(prompt="welcome")
+        if number == "*90":
+            return actions.Playback(prompt="no_such_prompt")
         if number == "8000":
             return actions.Queue(queue="support")
         if number == "0":
@@ -266,3 +280,84 @@ async def test_ring_timeout_reported_by_the_worker_is_a_no_answer() -> None:
     assert f.media.take() == [Reject(leg="w1-1", code=480)]
     [ended] = [e for e in f.events if isinstance(e, CallEnded)]
     assert ended.final_status == "no_answer"
+
+
+def _names(play: Command) -> list[str]:
+    assert isinstance(play, Play), play
+    return [Path(f).stem for f in play.files]
+
+
+async def test_playback_reads_back_the_digits_keyed() -> None:
+    """*98: answer, prompt (a key stops it), keys until #, read back, goodbye, hang up: completed."""
+    f = Fixture()
+    await f.incoming("*98")
+    answer, prompt = f.media.take()
+    assert answer == Answer(leg="w1-1", code=200)
+    assert _names(prompt) == ["enter_digits"]
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in prompt.files)  # type: ignore[attr-defined]
+    await f.state("w1-1", "confirmed", 200)
+    f.media.emit(LegDtmf(leg="w1-1", digit="4", method="rfc4733", duration_ms=0))
+    await f.settle()
+    assert f.media.take() == [StopPlay(leg="w1-1")]  # barge-in
+    for digit in "2*#":
+        f.media.emit(LegDtmf(leg="w1-1", digit=digit, method="info", duration_ms=160))
+    await f.settle()
+    [readback] = f.media.take()
+    assert _names(readback) == ["you_entered", "digit_4", "digit_2", "digit_star", "goodbye"]
+    f.media.emit(PlayerDone(leg="w1-1"))
+    await f.settle()
+    assert f.media.take() == [Hangup(leg="w1-1")]
+    await f.state("w1-1", "disconnected", 200, "", by="local")
+    dtmf = [e for e in f.events if isinstance(e, CallDtmf)]
+    assert [(e.digit, e.method, e.duration_ms) for e in dtmf] == [
+        ("4", "rfc4733", 0), ("2", "info", 160), ("*", "info", 160), ("#", "info", 160),
+    ]  # fmt: skip
+    [ended] = [e for e in f.events if isinstance(e, CallEnded)]
+    assert (ended.final_status, ended.released_by) == ("completed", "local")
+    assert f.types()[-1] == "conversation.ended"
+
+
+async def test_playback_without_keys_says_so_and_a_hang_up_stops_it() -> None:
+    f = Fixture()
+    await f.incoming("*99")
+    answer, prompt = f.media.take()
+    assert answer == Answer(leg="w1-1", code=200) and _names(prompt) == ["welcome"]
+    await f.state("w1-1", "confirmed", 200)
+    f.media.emit(LegDtmf(leg="w1-1", digit="1", method="rfc4733"))  # no barge-in without readback
+    await f.settle()
+    assert f.media.take() == []
+    await f.state("w1-1", "disconnected", 200, "", by="remote")  # the caller hangs up mid-prompt
+    assert f.media.take() == []
+    [ended] = [e for e in f.events if isinstance(e, CallEnded)]
+    assert (ended.final_status, ended.released_by) == ("completed", "remote")
+    assert f.control._channels == {}
+
+
+async def test_playback_of_a_missing_prompt_is_refused_with_500() -> None:
+    f = Fixture()
+    await f.incoming("*90")
+    [cmd] = f.media.take()
+    assert isinstance(cmd, Reject) and cmd.code == 500
+
+
+def test_prompt_set_resolves_languages_and_operator_recordings(tmp_path: Path) -> None:
+    zh = PromptSet("zh")
+    assert zh.path("digit_1").parent.name == "zh"
+    assert zh.path("music_on_hold").parent.name == "common"
+    own = tmp_path / "en"
+    own.mkdir()
+    (own / "welcome.wav").write_bytes(PromptSet().path("goodbye").read_bytes())
+    mine = PromptSet("en", tmp_path)
+    assert mine.path("welcome") == (own / "welcome.wav").resolve()
+    assert mine.path("goodbye").parent.name == "en" and mine.path("goodbye").parent != own
+    assert {"enter_digits", "digit_0", "digit_pound", "music_on_hold"} <= mine.names()
+    assert [p.stem for p in mine.digits("0#")] == ["digit_0", "digit_pound"]
+    for bad in ("../etc/passwd", "a/b", ""):
+        with pytest.raises(PromptError, match="bad prompt name"):
+            mine.path(bad)
+    with pytest.raises(PromptError, match="no prompt 'nothing'"):
+        mine.path("nothing")
+    with pytest.raises(PromptError, match="digits"):
+        mine.digits("12a")
+    with pytest.raises(ValueError, match="language"):
+        PromptSet("fr")

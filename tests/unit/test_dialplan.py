@@ -534,7 +534,7 @@ def test_unknown_keys_wrong_types_and_missing_fields_all_reported_in_line_order(
         ),
         (
             '- match: "1"\n    action: playback\n    prompt: p\n    then: echo',
-            "FILE:6: routes[0].then: expected one of hangup, got the text 'echo'",
+            "FILE:6: routes[0].then: expected one of hangup, readback, got the text 'echo'",
         ),
         ('- match: "1"\n    action: trunk', "FILE:3: routes[0].trunk: missing: a name of letters"),
         (
@@ -858,7 +858,7 @@ def test_default_dialplan_loads_against_the_demo_configuration_and_routes_the_co
     assert dialplan.route("9099") == Conference("9099")
     assert dialplan.route("7000") == Ivr("demo")
     assert dialplan.route("*97") == Echo()
-    assert dialplan.route("*98") == Playback("digits_readback")
+    assert dialplan.route("*98") == Playback("enter_digits", then="readback")
     # Anything else is rejected by the file's own catch-all, not left unrouted.
     assert dialplan.route("5555") == Hangup(404)
     assert dialplan.route("9100") == Hangup(404)

@@ -31,6 +31,7 @@ from softswitch.events.schemas import (
 from softswitch.events.types import (
     CallAnswered,
     CallBridged,
+    CallDtmf,
     CallEnded,
     CallInitiated,
     CallRinging,
@@ -71,6 +72,7 @@ def sample_events() -> list[Event]:
         CallAnswered(**LEG, answered_by="1002"),
         CallBridged(**LEG, peer_call_id="CA02"),
         CallUnbridged(**{**LEG, "user_data": "order-42"}, peer_call_id="CA02"),
+        CallDtmf(**LEG, digit="5", duration_ms=160, method="info"),
         CallEnded(
             **LEG,
             final_status="busy",

@@ -30,6 +30,7 @@ from softswitch.media.protocol import (
     LegState,
     Message,
     Originate,
+    Ping,
     Play,
     PlayerDone,
     ProtocolError,
@@ -68,6 +69,7 @@ EVERY_MESSAGE: list[Message] = [
     Echo("w1-1", id=11),
     SendDtmf("w1-1", "123#", id=12),
     Shutdown(id=13),
+    Ping(id=14),
     WorkerReady("w1", "127.0.0.1", 40000, 1024, "high-capacity", "2.12.1", "20000-24999", 4242),
     LegIncoming(
         "w1-1",
