@@ -45,6 +45,7 @@ from softswitch.store.cdr import (
     close_open_conversations,
     ensure_schema,
     open_conversation,
+    record_open_leg,
 )
 from softswitch.store.db import Store
 
@@ -147,11 +148,16 @@ class _OpenWrite:
 
 
 @dataclass(frozen=True, slots=True)
+class _LegWrite:
+    leg: LegRecord
+
+
+@dataclass(frozen=True, slots=True)
 class _CloseWrite:
     cdr: Cdr
 
 
-_Write = _OpenWrite | _CloseWrite
+_Write = _OpenWrite | _LegWrite | _CloseWrite
 
 
 class CdrBuilder:
@@ -282,6 +288,9 @@ class CdrBuilder:
                 leg_count=1,
             )
             self._enqueue(_OpenWrite(record, _leg_record(conv, leg, now, final=False)))
+        elif isinstance(event, CallInitiated | CallAnswered):
+            # A leg added or answered: on record now, so a crash does not lose it (or its answer time).
+            self._enqueue(_LegWrite(_leg_record(conv, leg, now, final=False)))
 
     def _conversation_ended(self, event: ConversationEnded) -> None:
         now = self.clock()
@@ -331,6 +340,8 @@ class CdrBuilder:
                     await asyncio.to_thread(
                         open_conversation, self.store, write.conversation, write.first_leg
                     )
+                elif isinstance(write, _LegWrite):
+                    await asyncio.to_thread(record_open_leg, self.store, write.leg)
                 else:
                     cdr = write.cdr
                     await asyncio.to_thread(close_conversation, self.store, cdr.conversation, cdr.legs)
@@ -448,10 +459,14 @@ def _span(start: float | None, end: float) -> float:
 def _conversation_id(write: _Write) -> str:
     if isinstance(write, _OpenWrite):
         return write.conversation.conversation_id
+    if isinstance(write, _LegWrite):
+        return write.leg.conversation_id
     return write.cdr.conversation.conversation_id
 
 
 def _describe(write: _Write) -> dict[str, object]:
     if isinstance(write, _OpenWrite):
         return {"open": asdict(write.conversation), "first_leg": asdict(write.first_leg)}
+    if isinstance(write, _LegWrite):
+        return {"open_leg": asdict(write.leg)}
     return write.cdr.to_dict()

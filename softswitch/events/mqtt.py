@@ -57,6 +57,10 @@ OUTBOX_MAX_EVENTS = 100_000
 OUTBOX_RESUME_FRACTION = 0.9
 #: How long the writer gathers events before one transaction: many events per fsync, little delay.
 WRITE_BATCH_DELAY_S = 0.005
+#: Deleting acknowledged rows waits for the next batch of new events, or this long when none comes: a
+#: transaction per PUBACK burst would double the store's work. A crash in between re-publishes them at
+#: the next start (QoS 1 is at least once: subscribers de-duplicate on the event `id`).
+ACK_FLUSH_DELAY_S = 0.5
 #: Most messages written in one transaction (bounds a transaction's size and the time it holds the lock).
 MAX_WRITE_BATCH = 5_000
 #: Wait before retrying a failed outbox write (the store is down or locked).
@@ -158,6 +162,7 @@ class MqttSink:
         self._dirty: dict[str, SubjectState] = {}
         self._dropped_subjects: set[str] = set()
         self._acked: list[int] = []
+        self._ack_flush: asyncio.TimerHandle | None = None
         self._full = False
         self._connected = False
         self._stopping = False
@@ -340,8 +345,16 @@ class MqttSink:
                 self._last_prune = now
                 self._prune_ended(now)
 
+    def _flush_acks(self) -> None:
+        self._ack_flush = None
+        if self._acked:
+            self._wake_writer.set()
+
     async def _flush(self) -> bool:
         """Write one batch (new messages, acknowledged ids, counters) in one transaction."""
+        if self._ack_flush is not None:
+            self._ack_flush.cancel()
+            self._ack_flush = None
         batch = self._pending[:MAX_WRITE_BATCH]
         del self._pending[: len(batch)]
         acked, self._acked = self._acked, []
@@ -512,6 +525,9 @@ class MqttSink:
                 self._acked.append(msg_id)
                 self.metrics.mqtt_published.labels(type=message.event_type).inc()
                 self._update_queued()
-                self._wake_writer.set()
+                if self._ack_flush is None:
+                    self._ack_flush = asyncio.get_running_loop().call_later(
+                        ACK_FLUSH_DELAY_S, self._flush_acks
+                    )
         finally:
             window.release()

@@ -177,6 +177,26 @@ def ensure_schema(store: Store) -> None:
 # -- writes -----------------------------------------------------------------------------------------
 
 
+# The statements of the per-call writes, built once (building one costs more than running it on SQLite).
+_CONVERSATION_EXISTS = sa.select(conversations.c.conversation_id).where(
+    conversations.c.conversation_id == sa.bindparam("cid")
+)
+_INSERT_CONVERSATION = conversations.insert()
+_INSERT_LEGS = legs.insert()
+_UPDATE_CONVERSATION = (
+    conversations.update()
+    .where(conversations.c.conversation_id == sa.bindparam("cid"))
+    .values({c.name: sa.bindparam(f"new_{c.name}") for c in conversations.c if c.name != "conversation_id"})
+)
+_DELETE_LEGS = legs.delete().where(legs.c.conversation_id == sa.bindparam("cid"))
+_CONVERSATION_STATUS = sa.select(conversations.c.status).where(
+    conversations.c.conversation_id == sa.bindparam("cid")
+)
+_DELETE_LEG = legs.delete().where(
+    (legs.c.conversation_id == sa.bindparam("cid")) & (legs.c.call_id == sa.bindparam("lid"))
+)
+
+
 def open_conversation(store: Store, conversation: ConversationRecord, first_leg: LegRecord) -> None:
     """Insert the conversation row with status `open` and its first leg, as known at `call.initiated`.
 
@@ -184,15 +204,27 @@ def open_conversation(store: Store, conversation: ConversationRecord, first_leg:
     conversation already closed), nothing changes.
     """
     with store.transaction() as conn:
-        exists = conn.execute(
-            sa.select(conversations.c.conversation_id).where(
-                conversations.c.conversation_id == conversation.conversation_id
-            )
-        ).first()
+        exists = conn.execute(_CONVERSATION_EXISTS, {"cid": conversation.conversation_id}).first()
         if exists is not None:
             return
-        conn.execute(conversations.insert().values(**_conversation_values(conversation, STATUS_OPEN)))
-        conn.execute(legs.insert().values(**asdict(first_leg)))
+        conn.execute(_INSERT_CONVERSATION, _conversation_values(conversation, STATUS_OPEN))
+        conn.execute(_INSERT_LEGS, asdict(first_leg))
+
+
+def record_open_leg(store: Store, leg: LegRecord) -> bool:
+    """Write (or rewrite) one leg of a conversation that is still open, as known so far (a leg added
+    after the first, a leg answered), so a crash leaves every leg and its answer time on record.
+
+    Nothing changes when the conversation is closed already (its final rows win) or was never opened;
+    returns whether the row was written. Idempotent.
+    """
+    with store.transaction() as conn:
+        status = conn.execute(_CONVERSATION_STATUS, {"cid": leg.conversation_id}).scalar()
+        if status != STATUS_OPEN:
+            return False
+        conn.execute(_DELETE_LEG, {"cid": leg.conversation_id, "lid": leg.call_id})
+        conn.execute(_INSERT_LEGS, asdict(leg))
+    return True
 
 
 def close_conversation(
@@ -205,17 +237,15 @@ def close_conversation(
     `open` with its provisional first leg, never half-written. Re-running it is harmless.
     """
     values = _conversation_values(conversation, STATUS_CLOSED)
+    cid = conversation.conversation_id
+    changes = {f"new_{k}": v for k, v in values.items() if k != "conversation_id"}
     with store.transaction() as conn:
-        updated = conn.execute(
-            conversations.update()
-            .where(conversations.c.conversation_id == conversation.conversation_id)
-            .values(**values)
-        ).rowcount
+        updated = conn.execute(_UPDATE_CONVERSATION, {"cid": cid, **changes}).rowcount
         if not updated:
-            conn.execute(conversations.insert().values(**values))
-        conn.execute(legs.delete().where(legs.c.conversation_id == conversation.conversation_id))
+            conn.execute(_INSERT_CONVERSATION, values)
+        conn.execute(_DELETE_LEGS, {"cid": cid})
         if leg_records:
-            conn.execute(legs.insert(), [asdict(leg) for leg in leg_records])
+            conn.execute(_INSERT_LEGS, [asdict(leg) for leg in leg_records])
 
 
 def close_open_conversations(store: Store, now: float) -> list[Cdr]:

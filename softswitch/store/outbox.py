@@ -76,6 +76,17 @@ class SubjectState:
     ended_at: float | None
 
 
+# The statements of the hot path, built once: building a statement costs more than running it on SQLite.
+_INSERT_MESSAGES = outbox.insert().returning(outbox.c.id, sort_by_parameter_order=True)
+_DELETE_MESSAGES = outbox.delete().where(
+    (outbox.c.node == sa.bindparam("n")) & (outbox.c.id == sa.bindparam("i"))
+)
+_DELETE_SUBJECTS = subjects.delete().where(
+    (subjects.c.node == sa.bindparam("n")) & (subjects.c.subject_key == sa.bindparam("k"))
+)
+_INSERT_SUBJECTS = subjects.insert()
+
+
 class Outbox:
     """The outbox and counters of one node in a `Store`."""
 
@@ -124,14 +135,15 @@ class Outbox:
         """One transaction: insert `messages` (returns their ids, in order), delete `acknowledged` ids,
         upsert the `updated` subject counters and delete the `dropped` subject keys."""
         ids: list[int] = []
-        acked = [{"i": i} for i in acknowledged]
-        gone = [{"k": k} for k in dropped]
+        node = self.node
+        acked = [{"n": node, "i": i} for i in acknowledged]
+        gone = [{"n": node, "k": k} for k in dropped]
         with self.engine.begin() as conn:
             if messages:
                 # One executemany; RETURNING in parameter order gives each message its id (SQLAlchemy
                 # "insertmanyvalues": SQLite >= 3.35 and PostgreSQL both support RETURNING).
                 result = conn.execute(
-                    outbox.insert().returning(outbox.c.id, sort_by_parameter_order=True),
+                    _INSERT_MESSAGES,
                     [
                         {
                             "node": self.node,
@@ -147,21 +159,13 @@ class Outbox:
                 )
                 ids = [int(row[0]) for row in result]
             if acked:
-                conn.execute(
-                    outbox.delete().where((outbox.c.node == self.node) & (outbox.c.id == sa.bindparam("i"))),
-                    acked,
-                )
-            keys = [{"k": s.subject_key} for s in updated] + gone
+                conn.execute(_DELETE_MESSAGES, acked)
+            keys = [{"n": node, "k": s.subject_key} for s in updated] + gone
             if keys:
-                conn.execute(
-                    subjects.delete().where(
-                        (subjects.c.node == self.node) & (subjects.c.subject_key == sa.bindparam("k"))
-                    ),
-                    keys,
-                )
+                conn.execute(_DELETE_SUBJECTS, keys)
             if updated:
                 conn.execute(
-                    subjects.insert(),
+                    _INSERT_SUBJECTS,
                     [
                         {
                             "node": self.node,

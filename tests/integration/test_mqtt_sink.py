@@ -169,7 +169,7 @@ class Collector:
                                 str(message.topic), payload, message.qos, message.retain, time.perf_counter()
                             )
                         )
-            except aiomqtt.MqttError:
+            except (aiomqtt.MqttError, OSError):  # the broker went away (or died with its node)
                 await asyncio.sleep(0.05)
 
     async def wait_for(self, count: int, timeout: float = WAIT_S) -> None:

@@ -361,8 +361,13 @@ async def test_conversation_is_open_in_the_store_while_the_call_lasts(switch: Sw
     [open_id] = open_conversation_ids(store)
     cdr = get_cdr(store, open_id)
     assert cdr is not None and cdr["conversation"]["status"] == "open"
-    assert [leg["call_id"] for leg in cdr["legs"]] == [CALLER]  # the first leg, as known at its start
-    assert cdr["legs"][0]["end_time"] is None
+    # Every leg as soon as it exists: the caller's, and the callee's being originated.
+    assert [leg["call_id"] for leg in cdr["legs"]] == [CALLER, b]
+    assert all(leg["end_time"] is None and leg["answer_time"] is None for leg in cdr["legs"])
+    await switch.state(b, "confirmed", 200)
+    await switch.drained()
+    cdr = get_cdr(store, open_id)
+    assert cdr is not None and cdr["legs"][1]["answer_time"] is not None  # answered: on record at once
     assert list_cdrs(store, start=0, end=T0 + 60)["total"] == 0  # open records are not listed…
     assert list_cdrs(store, start=0, end=T0 + 60, include_open=True)["total"] == 1  # …unless asked
 
@@ -399,7 +404,8 @@ async def test_a_failed_write_is_retried_until_the_store_takes_it(switch: Switch
     await switch.state(CALLER, "disconnected", 200, by="local")
     await asyncio.sleep(0.2)  # several retries fail meanwhile
     assert not [e for e in switch.events if isinstance(e, CdrCreated)]
-    assert switch.builder.pending == 2  # the open and the close, in order
+    # The open, the callee's leg, both answers and the close, in order.
+    assert switch.builder.pending == 5
     with store.transaction() as conn:
         conn.execute(sa.text("ALTER TABLE cdr_legs_away RENAME TO cdr_legs"))
     cdr = as_cdr(await switch.cdr_created())
@@ -429,8 +435,8 @@ async def test_stop_is_bounded_and_logs_what_the_store_did_not_take(store: Store
     with structlog.testing.capture_logs() as logs:
         await asyncio.wait_for(sw.builder.stop(timeout_s=0.2), WAIT_S)
     lost = [e for e in logs if e["event"] == "CDR write not stored at stop"]
-    assert len(lost) == 2 and {e["log_level"] for e in lost} == {"error"}
-    assert lost[1]["record"]["conversation"]["final_status"] == "busy"  # the full record is in the log
+    assert len(lost) == 3 and {e["log_level"] for e in lost} == {"error"}  # open, callee leg, close
+    assert lost[-1]["record"]["conversation"]["final_status"] == "busy"  # the full record is in the log
     assert not [e for e in sw.events if isinstance(e, CdrCreated)]
 
 
@@ -456,8 +462,12 @@ async def test_recovery_closes_what_a_crash_left_open(store_url: str) -> None:
             conv["released_by"] == "system" and conv["bye_type"] is None and as_cdr(event)["byeType"] is None
         )
         assert conv["end_time"] == "2026-11-18T11:08:20.000Z" and conv["duration_s"] == 100.0
-        [leg] = as_cdr(event)["legs"]
-        assert (leg["call_id"], leg["final_status"], leg["released_by"]) == (CALLER, "failed", "system")
+        caller, callee = as_cdr(event)["legs"]
+        assert (caller["call_id"], callee["call_id"]) == (CALLER, b)
+        for leg in (caller, callee):
+            assert (leg["final_status"], leg["released_by"]) == ("failed", "system"), leg
+            # Answered before the crash: the talk time runs to the recovery (an upper bound).
+            assert leg["answer_time"] is not None and leg["talk_s"] > 0, leg
         assert get_cdr(after, event.conversation_id) == as_cdr(event)
         assert recover_open_cdrs(after, now=T0 + 200) == []  # nothing left open
         untouched = get_cdr(after, finished)
