@@ -159,6 +159,7 @@ class MediaPool:
         self._request_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._backoff: dict[int, float] = {}
+        self._last_chosen = -1  # slot of the worker choose() returned last
         self._stopping = False
 
     # ------------------------------------------------------------------------------- public API
@@ -211,11 +212,16 @@ class MediaPool:
             self._server = None
 
     def choose(self) -> WorkerHandle | None:
-        """The ready worker with the most free slots, or None when every worker is full."""
+        """The ready worker with the most free slots, or None when every worker is full. Ties go round
+        the slots (the one after the last chosen first), so light load spreads over every worker."""
+        count = len(self._slots)
         best: WorkerHandle | None = None
-        for handle in self._slots:
+        for step in range(1, count + 1):
+            handle = self._slots[(self._last_chosen + step) % count]
             if handle.free > 0 and (best is None or handle.free > best.free):
                 best = handle
+        if best is not None:
+            self._last_chosen = best.slot
         return best
 
     def on_worker_died(self, callback: Callable[[WorkerHandle], None]) -> None:

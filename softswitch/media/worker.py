@@ -628,6 +628,9 @@ class Worker:
         nat.contactRewriteUse = 0
         nat.viaRewriteUse = 0
         nat.sdpNatRewriteUse = 0
+        # An answer listing several codecs is valid (RFC 3264 §6.1) and the first is used; pjsua would
+        # otherwise re-INVITE the far end to narrow it to one: needless signalling and a glare risk.
+        cfg.mediaConfig.lockCodecEnabled = False
         cfg.videoConfig.autoTransmitOutgoing = False
         cfg.videoConfig.autoShowIncoming = False
         return cfg
