@@ -136,6 +136,8 @@ class Node:
             )
             control.start()
             self.calls = control
+            self.bus.subscribe(self.metrics.on_event)
+            self.metrics.watch_calls(lambda: (len(control.conversations), len(control.legs)))
             self._stack.push_async_callback(control.stop)
             edge.attach_media(pool)
 

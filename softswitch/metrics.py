@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from softswitch.events.types import CallAnswered, CallEnded, CallInitiated, ConversationEnded, Event
+
 #: What the media pool reports per worker slot: (slot, capacity in legs, legs in use, restarts, ready).
 WorkerStats = tuple[str, int, int, int, bool]
 
@@ -39,6 +41,20 @@ class _WorkersCollector(Collector):
             ready.add_metric([slot], 1.0 if is_ready else 0.0)
             restarts.add_metric([slot], restarted)
         yield from (capacity, used, ready, restarts)
+
+
+class _CallsCollector(Collector):
+    """Conversations and legs in progress, read from call control when /metrics is scraped."""
+
+    def __init__(self, source: Callable[[], tuple[int, int]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        conversations, legs = self.source()
+        yield GaugeMetricFamily(
+            "softswitch_conversations_active", "Conversations in progress", value=conversations
+        )
+        yield GaugeMetricFamily("softswitch_legs_active", "Legs (SIP dialogs) in progress", value=legs)
 
 
 class Metrics:
@@ -89,9 +105,39 @@ class Metrics:
         self.outbox_dropped = Counter(
             "softswitch_outbox_dropped", "Events dropped because the outbox was full", ["type"], registry=r
         )
+        self.legs_started = Counter(
+            "softswitch_calls_started", "Legs created (call.initiated)", ["direction"], registry=r
+        )
+        self.legs_answered = Counter(
+            "softswitch_calls_answered", "Legs answered (call.answered)", ["direction"], registry=r
+        )
+        self.legs_ended = Counter(
+            "softswitch_calls_ended", "Legs ended (call.ended) by final status", ["final_status"], registry=r
+        )
+        self.conversations_ended = Counter(
+            "softswitch_conversations_ended",
+            "Conversations ended by final status",
+            ["final_status"],
+            registry=r,
+        )
         self.mqtt_connected = Gauge(
             "softswitch_mqtt_connected", "1 while the MQTT sink is connected to its broker", registry=r
         )
+
+    def on_event(self, event: Event) -> None:
+        """Bus sink: call counters by outcome (EVENTS.md types and `final_status` values)."""
+        if isinstance(event, CallInitiated):
+            self.legs_started.labels(direction=event.direction).inc()
+        elif isinstance(event, CallAnswered):
+            self.legs_answered.labels(direction=event.direction).inc()
+        elif isinstance(event, CallEnded):
+            self.legs_ended.labels(final_status=event.final_status).inc()
+        elif isinstance(event, ConversationEnded):
+            self.conversations_ended.labels(final_status=event.final_status).inc()
+
+    def watch_calls(self, source: Callable[[], tuple[int, int]]) -> None:
+        """Export the conversations and legs call control holds, read from `source` at each scrape."""
+        self.registry.register(_CallsCollector(source))
 
     def watch_workers(self, source: Callable[[], Iterable[WorkerStats]]) -> None:
         """Export per-worker capacity, legs in use, readiness and restarts from `source` at each scrape."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -63,12 +64,25 @@ async def test_a_call_is_published_as_documented(tmp_path: Path, sipp: Sipp) -> 
                 assert time.monotonic() < deadline, [e["type"] for e in collector.events()]
                 await asyncio.sleep(0.05)
             events = collector.events()
+            with urllib.request.urlopen(node.http_url("/metrics"), timeout=10) as response:
+                metrics = response.read().decode()
             # A subscriber that comes later still learns where 1002 is: the retained snapshot.
             snapshot = await retained_eventually(
                 node.mqtt_port, "softswitch/v1/default/devices/1002/registration", lambda m: m is not None
             )
 
     assert_valid_and_gap_free(events)
+    # The call counters in /metrics tell the same story.
+    for line in (
+        'softswitch_calls_started_total{direction="inbound"} 1.0',
+        'softswitch_calls_started_total{direction="outbound"} 1.0',
+        'softswitch_calls_answered_total{direction="inbound"} 1.0',
+        'softswitch_calls_ended_total{final_status="completed"} 2.0',
+        'softswitch_conversations_ended_total{final_status="completed"} 1.0',
+        "softswitch_conversations_active 0.0",
+        "softswitch_legs_active 0.0",
+    ):
+        assert line in metrics.splitlines(), (line, metrics)
     assert any(e["type"] == "device.registered" and e["data"]["user"] == "1002" for e in events)
     assert snapshot is not None and snapshot.retain
     assert contacts(snapshot) == [f"sip:1002@127.0.0.1:{callee_port};transport=UDP"], snapshot.json()
