@@ -20,6 +20,7 @@ import structlog
 
 from softswitch.config import Config
 from softswitch.events.bus import EventBus
+from softswitch.events.types import DeviceUnregistered
 from softswitch.metrics import Metrics
 from softswitch.sip.edge import EdgeCore, EdgeSettings
 from softswitch.sip.errors import SipParseError
@@ -163,12 +164,26 @@ class SipEdge:
         location = LocationService()
         now = time.time()
         restored = 0
-        for row in await asyncio.to_thread(self.store.load_bindings, now):
+        valid, expired = await asyncio.to_thread(self.store.load_and_expire_bindings, now)
+        for row in valid:
             try:
                 location.put(Binding.from_data(row.aor, row.contact, row.expires_at, row.data))
                 restored += 1
             except Exception:
                 log.warning("skipped unreadable stored binding", aor=row.aor, contact=row.contact)
+        for row in expired:
+            # Expired while the node was down: say so now, as the registrar would have then, so the
+            # retained registration snapshot and the device's subscribers catch up (EVENTS.md).
+            log.info("device unregistered", user=row.aor, contact=row.contact, reason="expired")
+            try:
+                transport = Binding.from_data(row.aor, row.contact, row.expires_at, row.data).flow.transport
+            except Exception:
+                transport = "udp"
+            self.bus.publish(
+                DeviceUnregistered(
+                    user=row.aor, contact=row.contact, transport=transport.lower(), reason="expired"
+                )
+            )
         self.core = EdgeCore(settings, passwords, location, self.metrics)
         self.metrics.registrations.set(len(location))
         self.metrics.registered_users.set(location.user_count)

@@ -41,6 +41,10 @@ class BindingRow:
     data: dict[str, Any]
 
 
+def _binding_row(r: Any) -> BindingRow:
+    return BindingRow(r.aor, r.binding_key, r.contact, r.expires_at, json.loads(r.data))
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -75,10 +79,16 @@ class Store:
 
     def load_bindings(self, now: float) -> list[BindingRow]:
         """Bindings still valid at `now`; expired rows are deleted in the same transaction."""
+        return self.load_and_expire_bindings(now)[0]
+
+    def load_and_expire_bindings(self, now: float) -> tuple[list[BindingRow], list[BindingRow]]:
+        """(bindings still valid at `now`, bindings that expired while nobody watched); the expired rows
+        are deleted in the same transaction, so each is reported once."""
         with self.transaction() as conn:
+            expired = conn.execute(sa.select(bindings).where(bindings.c.expires_at <= now)).all()
             conn.execute(bindings.delete().where(bindings.c.expires_at <= now))
             rows = conn.execute(sa.select(bindings)).all()
-        return [BindingRow(r.aor, r.binding_key, r.contact, r.expires_at, json.loads(r.data)) for r in rows]
+        return [_binding_row(r) for r in rows], [_binding_row(r) for r in expired]
 
     def save_binding(self, row: BindingRow) -> None:
         """Insert or replace one binding."""

@@ -1,9 +1,10 @@
-"""Events and CDRs survive failures of the whole node's surroundings, with real calls through it:
+"""Events and CDRs survive failures of the whole node and of its surroundings:
 
 - the external broker (Mosquitto) stops mid-call and comes back: the subscriber still receives every
   event of the call, in order, gap-free;
 - the softswitch is killed (SIGKILL) mid-call and started again: the conversation's CDR, left open by the
-  crash, is closed as failed by the system and published, after what the node had published before.
+  crash, is closed as failed by the system and published, after what the node had published before;
+- a registration expires while the node is stopped: the next start reports it and clears the snapshot.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from tests.integration.conftest import DEMO_PASSWORDS
 from tests.integration.helpers import RunningSoftswitch, running_softswitch
 from tests.integration.peers import Sipp, SippProcess, free_port
 from tests.integration.test_events_e2e import CALL_SEQUENCE
-from tests.integration.test_mqtt_sink import Mosquitto, assert_valid_and_gap_free, collecting, mosquitto
+from tests.integration.test_mqtt_sink import (
+    Mosquitto,
+    assert_valid_and_gap_free,
+    collecting,
+    contacts,
+    mosquitto,
+    retained_eventually,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +39,7 @@ SIPP_TIMEOUT_S = 40.0
 UAS_STARTUP_S = 0.3
 HOLD_MS = 4000  # long enough to stop the broker (or kill the node) while the call is up
 EVENTS_TIMEOUT_S = 30.0
+SHORT_EXPIRES_S = 6  # a registration that runs out while the node is stopped
 
 
 def _register_callee(sipp: Sipp, node: RunningSoftswitch) -> int:
@@ -141,3 +150,33 @@ async def test_killed_node_closes_and_publishes_the_open_cdr_at_restart(
     assert [r.get("conversation_id") for r in recovered] == [conversation], recovered
     ended = datetime.fromisoformat(cdr["conversation"]["end_time"].replace("Z", "+00:00")).timestamp()
     assert ended >= killed_at, cdr  # the crash time is not known: the restart bounds it
+
+
+@pytest.mark.timeout(120)
+async def test_a_registration_that_expired_while_the_node_was_down_is_unregistered_at_start(
+    tmp_path: Path, sipp: Sipp, mosquitto: Mosquitto
+) -> None:
+    """The registrar was not running when 1002's binding expired: at the next start the node says
+    `device.unregistered` (reason `expired`) and clears the retained registration snapshot."""
+    extra = f'[mqtt]\nurl = "mqtt://127.0.0.1:{mosquitto.port}"\n[sip]\nmin_expires = 1\n'
+    topic = "softswitch/v1/default/devices/1002/registration"
+    with running_softswitch(tmp_path / "node", extra) as node:
+        registered_at = time.monotonic()
+        registered = await asyncio.to_thread(
+            sipp.run, "register_digest", node.sip_port, local_port=free_port(),
+            users=[("1002", DEMO_PASSWORDS["1002"])], sets={"expires": str(SHORT_EXPIRES_S)},
+            timeout_s=SIPP_TIMEOUT_S,
+        )  # fmt: skip
+        assert registered.ok, registered.describe()
+        snapshot = await retained_eventually(mosquitto.port, topic, lambda m: m is not None)
+        assert snapshot is not None and contacts(snapshot), snapshot
+    assert time.monotonic() - registered_at < SHORT_EXPIRES_S, "the node was not stopped in time"
+    await asyncio.sleep(SHORT_EXPIRES_S)  # the binding expires while no node runs
+
+    async with collecting(mosquitto.port, identifier="after-restart") as collector:
+        with running_softswitch(tmp_path / "node", extra):
+            events = await _until(collector.events, _count("device.unregistered", 1))
+            cleared = await retained_eventually(mosquitto.port, topic, lambda m: m is None)
+    (gone,) = [e["data"] for e in events if e["type"] == "device.unregistered"]
+    assert (gone["user"], gone["reason"]) == ("1002", "expired"), gone
+    assert cleared is None  # no retained snapshot: the device has no binding

@@ -36,8 +36,10 @@ def test_bindings_round_trip_through_a_sqlite_file(tmp_path: Path) -> None:
     store.close()
 
     reopened = Store(url)
-    rows = reopened.load_bindings(now=200.0)
-    assert [r.aor for r in rows] == ["1001"]  # the expired one is gone
+    rows, expired = reopened.load_and_expire_bindings(now=200.0)
+    assert [r.aor for r in rows] == ["1001"]  # the expired one is gone…
+    assert [r.aor for r in expired] == ["1002"]  # …and reported, once
+    assert reopened.load_and_expire_bindings(now=200.0)[1] == []
     restored = Binding.from_data(rows[0].aor, rows[0].contact, rows[0].expires_at, rows[0].data)
     assert restored.contact == live.contact
     assert restored.key == live.key
