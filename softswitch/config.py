@@ -488,6 +488,26 @@ class UserConfig(_Model):
         return value
 
 
+#: Highest skill level an agent can have or a queue can require (levels run 1..MAX_SKILL_LEVEL).
+MAX_SKILL_LEVEL = 100
+#: Reasons the system itself gives (`not_ready` after a missed offer, `offline`): not for configured reasons.
+SYSTEM_NOT_READY_REASONS = ("no_answer", "device_unregistered")
+
+# A skill name or a not-ready reason: a lowercase word (it appears in events and in command bodies).
+_WORD_RE = re.compile(r"[a-z0-9][a-z0-9_]*")
+# Where the dialplan sends a caller leaving a queue: a number or extension the dialplan routes.
+_DESTINATION_RE = re.compile(r"[A-Za-z0-9*#+._-]+")
+
+
+def _check_skills(value: dict[str, int]) -> dict[str, int]:
+    for name, level in value.items():
+        if not _WORD_RE.fullmatch(name):
+            raise ValueError(f"skill names are lowercase words (a-z, 0-9, '_'), got {name!r}")
+        if not 1 <= level <= MAX_SKILL_LEVEL:
+            raise ValueError(f"skill {name!r}: level must be 1-{MAX_SKILL_LEVEL}, got {level}")
+    return value
+
+
 class AgentConfig(_Model):
     """A contact-centre agent (CTI): logs in on a device and takes calls from queues."""
 
@@ -500,6 +520,14 @@ class AgentConfig(_Model):
     queues: list[str] = Field(default_factory=list)
     #: Seconds in wrap_up after a call before the agent is offered the next one.
     wrap_up_s: int = Field(default=10, ge=0)
+    #: Skills and their levels (1-100): queues with `skills` offer calls only to agents at or above them.
+    skills: dict[str, int] = Field(default_factory=dict)
+    #: Ask the device to answer offered calls by itself (the seed's setApiCallAutoAnswer).
+    auto_answer: bool = False
+    #: State after login when the login names none (seed: initialState).
+    initial_state: Literal["ready", "not_ready"] = "ready"
+    #: Supervisors only: the agents this supervisor may act on (log out, set state, monitor, hang up).
+    team: list[str] = Field(default_factory=list)
 
     @field_validator("id")
     @classmethod
@@ -513,23 +541,108 @@ class AgentConfig(_Model):
             raise ValueError("must not be empty")
         return value
 
+    @field_validator("skills")
+    @classmethod
+    def _check_skills(cls, value: dict[str, int]) -> dict[str, int]:
+        return _check_skills(value)
+
+    @model_validator(mode="after")
+    def _team_is_for_supervisors(self) -> Self:
+        if self.team and self.role != "supervisor":
+            raise ValueError(f'team: only a supervisor has a team (role is "{self.role}")')
+        return self
+
+
+QueueStrategy = Literal["longest_idle", "ring_all", "round_robin", "fewest_calls", "random", "skills"]
+
 
 class QueueConfig(_Model):
     """An ACD queue."""
 
     id: str
-    strategy: Literal["longest_idle", "ring_all", "round_robin", "fewest_calls", "random", "skills"] = (
-        "longest_idle"
-    )
+    strategy: QueueStrategy = "longest_idle"
     #: Seconds an offered agent rings before the offer moves on.
     ring_timeout_s: int = Field(default=20, ge=1)
     #: Seconds a caller waits in the queue before leaving it with reason "timeout".
     max_wait_s: int = Field(default=300, ge=1)
+    #: Most callers waiting at once; a caller beyond it goes to `overflow` at once. 0: no limit.
+    max_length: int = Field(default=0, ge=0)
+    #: Where callers go after `max_wait_s` or when the queue is full; none: the call is ended.
+    overflow: str | None = None
+    #: Where a new caller goes when no agent of the queue is logged in; none: the caller waits.
+    no_agents: str | None = None
+    #: Agents need each of these skills at this level or above to be offered this queue's calls.
+    skills: dict[str, int] = Field(default_factory=dict)
+    #: An agent in several queues is offered the callers of the highest priority queue first.
+    priority: int = 0
+    #: Wrap-up seconds after this queue's calls; none: the agent's own `wrap_up_s`.
+    wrap_up_s: int | None = Field(default=None, ge=0)
+    #: `service_level` in queue.stats counts the callers answered within this many seconds.
+    service_level_s: int = Field(default=20, ge=1)
 
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str) -> str:
         return _check_topic_level(value)
+
+    @field_validator("overflow", "no_agents")
+    @classmethod
+    def _check_destination(cls, value: str | None) -> str | None:
+        if value is not None and not _DESTINATION_RE.fullmatch(value):
+            raise ValueError(
+                f"expected a number the dialplan routes (letters, digits, '*', '#', '+', '.', '_', '-'), "
+                f"got {value!r}"
+            )
+        return value
+
+    @field_validator("skills")
+    @classmethod
+    def _check_skills(cls, value: dict[str, int]) -> dict[str, int]:
+        return _check_skills(value)
+
+    @model_validator(mode="after")
+    def _skills_strategy_needs_skills(self) -> Self:
+        if self.strategy == "skills" and not self.skills:
+            raise ValueError(
+                'strategy "skills" needs the skills the queue requires (skills = {name = level})'
+            )
+        return self
+
+
+def _default_not_ready_reasons() -> list[str]:
+    return ["busy", "break", "lunch", "meeting", "training"]
+
+
+class CtiConfig(_Model):
+    """Contact-centre settings shared by every agent and queue."""
+
+    #: Reasons an agent may give for not_ready (the seed's pause causes; 小休 is "break").
+    not_ready_reasons: list[str] = Field(default_factory=_default_not_ready_reasons, min_length=1)
+    #: The reason used when a not_ready request names none.
+    default_not_ready_reason: str = "busy"
+    #: An offer that is not answered puts the agent in not_ready with reason no_answer (the seed's
+    #: 呼入非接通挂断置忙); false: the agent stays ready and the next agent is tried.
+    no_answer_not_ready: bool = True
+
+    @field_validator("not_ready_reasons")
+    @classmethod
+    def _check_reasons(cls, value: list[str]) -> list[str]:
+        for reason in value:
+            if not _WORD_RE.fullmatch(reason):
+                raise ValueError(f"reasons are lowercase words (a-z, 0-9, '_'), got {reason!r}")
+            if reason in SYSTEM_NOT_READY_REASONS:
+                raise ValueError(f"{reason!r} is a reason the system gives; choose another name")
+        if len(set(value)) != len(value):
+            raise ValueError("a reason is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _default_is_listed(self) -> Self:
+        if self.default_not_ready_reason not in self.not_ready_reasons:
+            raise ValueError(
+                f"default_not_ready_reason {self.default_not_ready_reason!r} is not in not_ready_reasons"
+            )
+        return self
 
 
 class ApiAccountConfig(_Model):
@@ -593,6 +706,7 @@ class Config(_Model):
     store: StoreConfig = Field(default_factory=StoreConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    cti: CtiConfig = Field(default_factory=CtiConfig)
     users: list[UserConfig] = Field(default_factory=list)
     agents: list[AgentConfig] = Field(default_factory=list)
     queues: list[QueueConfig] = Field(default_factory=list)
@@ -695,6 +809,7 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
 
     user_names = {u.name for u in config.users}
     queue_ids = {q.id for q in config.queues}
+    agent_ids = {a.id for a in config.agents}
     for index, agent in enumerate(config.agents):
         if agent.extension is not None and agent.extension not in user_names:
             problems.append(
@@ -704,6 +819,11 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
             if queue not in queue_ids:
                 problems.append(
                     (("agents", index, "queues", queue_index), f"no queue {queue!r} in [[queues]]")
+                )
+        for member_index, member in enumerate(agent.team):
+            if member not in agent_ids:
+                problems.append(
+                    (("agents", index, "team", member_index), f"no agent {member!r} in [[agents]]")
                 )
 
     # Sockets that would collide: the edge's TCP listener, the HTTP server and the embedded broker all

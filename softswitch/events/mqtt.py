@@ -2,7 +2,8 @@
 
 MQTT 3.1.1 (OASIS standard): PUBLISH with QoS 1 (§4.3.2) — a message leaves the outbox only when its
 PUBACK arrives; retained messages (§3.3.1.3) carry the device registration snapshots, and a zero-byte
-retained message clears one when the user's last binding goes.
+retained message clears one when the user's last binding goes. Agent state and queue statistics events
+are also retained on their snapshot topics (`…/agents/{id}/state`, `…/queues/{id}/stats`).
 
 The bus calls the sink synchronously; `__call__` never blocks and never raises. It stamps the envelope
 (its `seq` from the per-subject counters), computes the topic and appends to an in-memory batch. A writer
@@ -38,11 +39,13 @@ from softswitch.config import Config
 from softswitch.events.envelope import Sequencer, build_envelope, format_time, source_of, subject_key
 from softswitch.events.schemas import REGISTRATION_SNAPSHOT
 from softswitch.events.types import (
+    AgentStateChanged,
     CdrCreated,
     ConversationEnded,
     DeviceRegistered,
     DeviceUnregistered,
     Event,
+    QueueStats,
 )
 from softswitch.metrics import Metrics
 from softswitch.store.db import Store
@@ -110,6 +113,30 @@ def event_topic(prefix: str, tenant: str, event: Event) -> str:
 def registration_topic(prefix: str, tenant: str, user: str) -> str:
     """The retained registration snapshot topic of a user (EVENTS.md: `…/devices/{user}/registration`)."""
     return f"{prefix}/{topic_level(tenant)}/devices/{topic_level(user)}/registration"
+
+
+def agent_state_topic(prefix: str, tenant: str, agent_id: str) -> str:
+    """The retained current-state topic of an agent (EVENTS.md: `…/agents/{agent_id}/state`)."""
+    return f"{prefix}/{topic_level(tenant)}/agents/{topic_level(agent_id)}/state"
+
+
+def queue_stats_topic(prefix: str, tenant: str, queue_id: str) -> str:
+    """The retained statistics topic of a queue (EVENTS.md: `…/queues/{queue_id}/stats`)."""
+    return f"{prefix}/{topic_level(tenant)}/queues/{topic_level(queue_id)}/stats"
+
+
+def snapshot_topic(prefix: str, tenant: str, event: Event) -> str | None:
+    """Where a copy of `event` is retained as its subject's snapshot, if it is one.
+
+    `agent.state_changed` is the agent's current state and `queue.stats` the queue's current figures:
+    the same envelope is published once on its event topic and once, retained, on the snapshot topic,
+    so a consumer that subscribes later learns the present at once.
+    """
+    if isinstance(event, AgentStateChanged):
+        return agent_state_topic(prefix, tenant, event.agent_id)
+    if isinstance(event, QueueStats):
+        return queue_stats_topic(prefix, tenant, event.queue_id)
+    return None
 
 
 def _dumps(document: dict[str, Any]) -> str:
@@ -204,7 +231,11 @@ class MqttSink:
         if room:
             envelope = build_envelope(event, node=self.node, tenant=self.tenant, seq=seq, now=now)
             topic = event_topic(self.prefix, self.tenant, event)
-            messages.append(OutboxMessage(key, event.type, topic, _dumps(envelope), False, now))
+            payload = _dumps(envelope)
+            messages.append(OutboxMessage(key, event.type, topic, payload, False, now))
+            retained = snapshot_topic(self.prefix, self.tenant, event)
+            if retained is not None:
+                messages.append(OutboxMessage(key, event.type, retained, payload, True, now))
         else:
             self._outbox_full(event)
 

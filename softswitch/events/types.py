@@ -211,3 +211,148 @@ class CdrCreated(Event):
     @property
     def subject(self) -> str:
         return self.conversation_id
+
+
+# -- queue events on a conversation (EVENTS.md "Call events": `call.queued` / `call.dequeued`) ----------
+
+#: `reason` of `call.queued`: how the caller came to the queue.
+QUEUED_REASONS: Final = ("dialplan", "transfer")
+#: `reason` of `call.dequeued`: why the caller left the queue.
+DEQUEUED_REASONS: Final = ("answered", "abandoned", "left", "timeout", "no_agents")
+
+
+@dataclass(frozen=True, slots=True)
+class CallQueued(CallEvent):
+    """A caller joined an ACD queue; `position` counts from 1 at the head of the queue."""
+
+    type: ClassVar[str] = "call.queued"
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {**CallEvent.value_sets, "reason": QUEUED_REASONS}
+    queue_id: str = ""
+    position: int = 0
+    wait_s: float = 0.0
+    reason: str = "dialplan"  # dialplan|transfer
+
+
+@dataclass(frozen=True, slots=True)
+class CallDequeued(CallEvent):
+    """A caller left an ACD queue: answered by an agent, hung up, left by key, timed out or sent away."""
+
+    type: ClassVar[str] = "call.dequeued"
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {**CallEvent.value_sets, "reason": DEQUEUED_REASONS}
+    queue_id: str = ""
+    position: int = 0  # the position the caller held when leaving
+    wait_s: float = 0.0
+    reason: str = "answered"  # answered|abandoned|left|timeout|no_agents
+
+
+# -- agent and queue events (EVENTS.md "Agent, queue and device events") --------------------------------
+
+#: `state` of an agent (`agent.state_changed`, softswitch.cti.agents.AgentState).
+AGENT_STATES: Final = (
+    "logged_out",
+    "ready",
+    "not_ready",
+    "reserved",
+    "ringing",
+    "busy",
+    "wrap_up",
+    "offline",
+)
+#: `device.kind` of an agent's device.
+DEVICE_KINDS: Final = ("sip", "pstn", "webrtc")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEvent(Event):
+    """Fields every agent event carries: the agent it is about (also the envelope's `subject`)."""
+
+    subject_kind: ClassVar[str] = "agent"
+    agent_id: str
+
+    @property
+    def subject(self) -> str:
+        return self.agent_id
+
+
+@dataclass(frozen=True, slots=True)
+class AgentLoggedIn(AgentEvent):
+    """An agent logged in on a device (`{"kind": "sip"|"pstn"|"webrtc", "address": …}`)."""
+
+    type: ClassVar[str] = "agent.logged_in"
+    device: dict[str, str]
+    forced_by: str | None = None  # the supervisor who logged the agent in, if not the agent
+
+
+@dataclass(frozen=True, slots=True)
+class AgentLoggedOut(AgentEvent):
+    """An agent logged out; `forced_by` names the supervisor who forced it (seed: forceOffline)."""
+
+    type: ClassVar[str] = "agent.logged_out"
+    device: dict[str, str]
+    forced_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStateChanged(AgentEvent):
+    """An agent's state changed; times are RFC 3339 UTC like the envelope's `time`."""
+
+    type: ClassVar[str] = "agent.state_changed"
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "state": AGENT_STATES,
+        "previous_state": AGENT_STATES,
+    }
+    state: str
+    previous_state: str
+    reason: str | None
+    since: str
+    wrap_up_deadline: str | None
+    queues: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentOffered(AgentEvent):
+    """A queue caller was offered to the agent: the agent is reserved and its device rings."""
+
+    type: ClassVar[str] = "agent.offered"
+    conversation_id: str
+    queue_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AgentOfferMissed(AgentEvent):
+    """An offer was not answered (ring timeout or rejected); `auto_not_ready`: the agent went not_ready."""
+
+    type: ClassVar[str] = "agent.offer_missed"
+    conversation_id: str
+    queue_id: str
+    auto_not_ready: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStats(AgentEvent):
+    """The agent's counters since login (seed: realTimeData): calls handled, answered, talk seconds."""
+
+    type: ClassVar[str] = "agent.stats"
+    call_count: int
+    answered_count: int
+    talk_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats(Event):
+    """A queue's live figures; `service_level` is the percentage answered within the queue's threshold."""
+
+    type: ClassVar[str] = "queue.stats"
+    subject_kind: ClassVar[str] = "queue"
+    queue_id: str
+    waiting: int
+    longest_wait_s: float
+    agents_ready: int
+    agents_busy: int
+    answered: int
+    abandoned: int
+    service_level: float | None  # null until a caller was answered or abandoned
+
+    @property
+    def subject(self) -> str:
+        return self.queue_id

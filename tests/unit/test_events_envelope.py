@@ -29,11 +29,19 @@ from softswitch.events.schemas import (
     stale_schemas,
 )
 from softswitch.events.types import (
+    AgentLoggedIn,
+    AgentLoggedOut,
+    AgentOffered,
+    AgentOfferMissed,
+    AgentStateChanged,
+    AgentStats,
     CallAnswered,
     CallBridged,
+    CallDequeued,
     CallDtmf,
     CallEnded,
     CallInitiated,
+    CallQueued,
     CallRinging,
     CallUnbridged,
     CdrCreated,
@@ -41,6 +49,7 @@ from softswitch.events.types import (
     DeviceRegistered,
     DeviceUnregistered,
     Event,
+    QueueStats,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -85,6 +94,17 @@ def sample_events() -> list[Event]:
         ),
         ConversationEnded("CV8d0c", ("CA01", "CA02"), 12.25, "completed"),
         CdrCreated("CV8d0c", {"byeType": 1, "cdrs": [{"call_id": "CA01", "talk_s": 10.0}]}),
+        CallQueued(**LEG, queue_id="support", position=2, wait_s=0.0, reason="transfer"),
+        CallDequeued(**LEG, queue_id="support", position=1, wait_s=12.5, reason="timeout"),
+        AgentLoggedIn("8001", {"kind": "sip", "address": "1001"}, None),
+        AgentLoggedOut("8001", {"kind": "pstn", "address": "+8613800000000"}, "9001"),
+        AgentStateChanged(
+            "8001", "wrap_up", "busy", None, format_time(NOW), format_time(NOW + 10), ("support", "sales")
+        ),
+        AgentOffered("8001", "CV8d0c", "support"),
+        AgentOfferMissed("8001", "CV8d0c", "support", True),
+        AgentStats("8001", 3, 2, 136.5),
+        QueueStats("support", 2, 31.5, 1, 3, 40, 2, 95.2),
     ]
 
 
