@@ -21,9 +21,12 @@ from fastapi import FastAPI
 
 from softswitch import __version__
 from softswitch.api.http import HttpServer, build_http_app
+from softswitch.api.mqtt_commands import MqttCommandServer
 from softswitch.calls.cdr import CdrBuilder, recover_open_cdrs
 from softswitch.calls.control import CallControl
 from softswitch.config import Config
+from softswitch.cti.core import CtiCore
+from softswitch.cti.runtime import CtiRuntime
 from softswitch.dialplan.configured import load_configured_dialplan, prompt_set
 from softswitch.events.broker import EmbeddedBroker
 from softswitch.events.bus import EventBus
@@ -31,6 +34,7 @@ from softswitch.events.mqtt import MqttSink
 from softswitch.media.pool import MediaPool
 from softswitch.metrics import Metrics
 from softswitch.sip.transport import SipEdge
+from softswitch.store.agents import CtiStateStore
 from softswitch.store.db import Store
 
 log = structlog.get_logger(__name__)
@@ -63,6 +67,7 @@ class Node:
         self.media: MediaPool | None = None
         self.mqtt: MqttSink | None = None
         self.calls: CallControl | None = None
+        self.cti: CtiRuntime | None = None
         self.broker: EmbeddedBroker | None = None
         self.http_app: FastAPI = build_http_app(
             version=__version__, metrics=self.metrics, sip_port=lambda: self.edge.port if self.edge else None
@@ -140,6 +145,25 @@ class Node:
             self.metrics.watch_calls(lambda: (len(control.conversations), len(control.legs)))
             self._stack.push_async_callback(control.stop)
             edge.attach_media(pool)
+
+            # Agents and queues: restored and reconciled with who is registered now; commands over MQTT.
+            cti = CtiRuntime(
+                CtiCore.from_config(config),
+                self.bus,
+                CtiStateStore(store, node_name()),
+                has_binding=edge.has_binding,
+            )
+            await cti.start({u.name for u in config.users if edge.has_binding(u.name)})
+            self.cti = cti
+            self._stack.push_async_callback(cti.stop)
+            commands = MqttCommandServer(
+                config,
+                cti.command,
+                node_name(),
+                broker_address=(config.mqtt.host, mqtt_port) if mqtt_port is not None else None,
+            )
+            await commands.start()
+            self._stack.push_async_callback(commands.stop)
 
             def publish_ports(http_port: int) -> None:
                 self.ports = Ports(sip=edge.port, http=http_port, mqtt=mqtt_port)

@@ -21,6 +21,8 @@ ALREADY_LOGGED_IN: Final = "already_logged_in"
 DEVICE_UNAVAILABLE: Final = "device_unavailable"
 INVALID_STATE: Final = "invalid_state"
 NO_ACTIVE_CALL: Final = "no_active_call"
+NOT_SUPPORTED: Final = "not_supported"
+INTERNAL: Final = "internal"
 
 #: Every code a reply can carry, in the order docs/cti.md lists them.
 REPLY_CODES: Final = (
@@ -36,6 +38,8 @@ REPLY_CODES: Final = (
     DEVICE_UNAVAILABLE,
     INVALID_STATE,
     NO_ACTIVE_CALL,
+    NOT_SUPPORTED,
+    INTERNAL,
 )
 
 
