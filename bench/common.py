@@ -127,10 +127,13 @@ def start_softswitch(
     media_extra: str = "",
     dialplan: Path | None = None,
     log_level: str = "warning",
+    mqtt_url: str = "embedded://127.0.0.1:0",
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start `softswitch serve` with every port 0, data under `work`; returns the process and its SIP port.
 
-    `media_extra` is TOML added to the `[media]` table (e.g. `max_calls = 2048`). The node runs in its own
+    `media_extra` is TOML added to the `[media]` table (e.g. `max_calls = 2048`). `mqtt_url` is `[mqtt]
+    url`: the embedded broker on a free port by default, or `mqtt://127.0.0.1:PORT` for an external one
+    (the ports the node chose, MQTT included, are in `work/data/ports.json`). The node runs in its own
     session, so `stop_softswitch` can take its media workers down with it.
     """
     work.mkdir(parents=True, exist_ok=True)
@@ -142,7 +145,7 @@ def start_softswitch(
         f'data_dir = "{data}"\ndialplan = "{dialplan or ROOT / "dialplans" / "default.yaml"}"\n'
         f'[sip]\nlisten = "127.0.0.1:0"\ndomain = "127.0.0.1"\n'
         f"auth_max_failures = 1000\n[media]\nworkers = {workers}\n{media_extra}\n"
-        f'[http]\nlisten = "127.0.0.1:0"\n[mqtt]\nurl = "embedded://127.0.0.1:0"\n'
+        f'[http]\nlisten = "127.0.0.1:0"\n[mqtt]\nurl = "{mqtt_url}"\n'
         f'[log]\nlevel = "{log_level}"\nformat = "json"\n[store]\nurl = "sqlite:///{data}/softswitch.db"\n'
         f"{user_tables}"
     )

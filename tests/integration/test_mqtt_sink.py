@@ -1,8 +1,8 @@
 """The MQTT sink against real brokers on 127.0.0.1: Mosquitto (started here) and the embedded amqtt broker.
 
 Topics, QoS 1, retained registration snapshots, schema-valid payloads and gap-free `seq` (EVENTS.md);
-a broker outage and a crash of the sink lose nothing and keep the order; throughput and latency are
-measured and printed (run with `-s` to read them).
+a broker outage and a crash of the sink lose nothing and keep the order. Throughput and latency are
+measured by `bench/event_bench.py`, not here.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -492,143 +490,3 @@ async def test_crashed_sink_delivers_its_outbox_after_restart(tmp_path: Path) ->
         await sink.stop()
         store.close()
         broker.stop()
-
-
-# -- measurements ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Load:
-    """A measurement run: a burst for throughput, then a paced run for latency (bounded by count)."""
-
-    broker: str
-    burst: int  # events in the throughput run
-    rate: int  # events/s of the latency run: a steady load below saturation
-    seconds: int
-    #: Floor that fails the run: pipelined publishing does thousands per second into Mosquitto and
-    #: several hundred into amqtt (pure Python, in the node's loop); one round trip per event plus one
-    #: outbox write each would stay far lower. Generous: CI machines are shared.
-    min_events_per_s: int
-
-
-LOADS = [Load("mosquitto", 20_000, 500, 4, 500), Load("embedded", 5_000, 100, 4, 150)]
-#: Latency ceiling (p99) that fails the run.
-MAX_P99_MS = 1_000
-
-
-#: mosquitto_sub output: arrival time (Unix, ns) and payload per line; a hard stop after 110 s.
-OUTPUT = ("-F", "%U %p", "-W", "110")
-
-
-class MosquittoSub:
-    """`mosquitto_sub` in its own process (so it does not share the sink's CPU), QoS 1, printing each
-    message's arrival time (Unix, ns) and payload; stopped by its PID."""
-
-    def __init__(self, port: int, topic: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                require_binary("mosquitto_sub"),
-                "-h",
-                LOOPBACK,
-                "-p",
-                str(port),
-                "-q",
-                "1",
-                "-t",
-                topic,
-                *OUTPUT,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        self.lines: list[tuple[float, dict[str, Any]]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            at, _, payload = line.partition(b" ")
-            self.lines.append((float(at), json.loads(payload)))
-
-    def count(self, subject_prefix: str) -> int:
-        return sum(1 for _, env in list(self.lines) if env["subject"].startswith(subject_prefix))
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._reader.join(timeout=10)
-
-
-@pytest.mark.parametrize("load", LOADS, ids=lambda load: load.broker)
-async def test_measure_throughput_and_latency(load: Load, tmp_path: Path) -> None:
-    mosquitto: Mosquitto | None = None
-    embedded: EmbeddedBroker | None = None
-    if load.broker == "mosquitto":
-        mosquitto = Mosquitto(tmp_path / "mosquitto", free_port(udp=False))
-        mosquitto.start()
-        port = mosquitto.port
-    else:  # in the node's own event loop, as `mqtt.url = "embedded"` runs it
-        embedded = EmbeddedBroker(LOOPBACK, 0)
-        await embedded.start()
-        port = embedded.port
-    store = Store(f"sqlite:///{tmp_path / 'softswitch.db'}")
-    sink = MqttSink(mqtt_config(port), store, Metrics(), "node-1")
-    subscriber = MosquittoSub(port, f"{PREFIX}/default/calls/#")
-    await sink.start()
-    try:
-        # Until the subscriber is known to be subscribed: probe events, one every 100 ms.
-        deadline = time.monotonic() + WAIT_S
-        while not subscriber.count("PROBE"):
-            assert time.monotonic() < deadline, "mosquitto_sub never received anything"
-            sink(CallRinging(**leg("PROBE", "a", "caller")))
-            await asyncio.sleep(0.1)
-
-        # Sustained publishing: a burst accepted at once, timed until the broker acknowledged all of it
-        # (PUBACK: durable in the outbox, published, acknowledged) and until the subscriber had it all.
-        started = time.perf_counter()
-        wall_start = time.time()
-        for n in range(load.burst):
-            sink(CallRinging(**leg(f"TP{n % 100}", "a", "caller")))
-        await drained(sink, timeout=90)
-        acked_rate = load.burst / (time.perf_counter() - started)
-        await wait_until(lambda: subscriber.count("TP") >= load.burst, timeout=60)
-        last_arrival = max(at for at, env in subscriber.lines if env["subject"].startswith("TP"))
-        delivered_rate = load.burst / (last_arrival - wall_start)
-
-        # Latency: the bus call to the subscriber's arrival, at a steady paced rate.
-        total = load.rate * load.seconds
-        begin = time.perf_counter()
-        for n in range(total):
-            due = begin + n / load.rate
-            if (pause := due - time.perf_counter()) > 0:
-                await asyncio.sleep(pause)
-            sink(CallRinging(**leg("LAT", "a", "caller", user_data=repr(time.time()))))
-        await wait_until(lambda: subscriber.count("LAT") >= total)
-        latencies = sorted(
-            (at - float(env["data"]["user_data"])) * 1000
-            for at, env in subscriber.lines
-            if env["subject"] == "LAT"
-        )
-        p50 = statistics.median(latencies)
-        p99 = latencies[int(len(latencies) * 0.99) - 1]
-        print(
-            f"\nMQTT sink -> {load.broker} broker, loopback, QoS 1, outbox on SQLite: "
-            f"{acked_rate:,.0f} events/s acknowledged, {delivered_rate:,.0f} events/s delivered to "
-            f"mosquitto_sub ({load.burst} events); latency bus -> subscriber at {load.rate}/s: "
-            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"
-        )
-        assert acked_rate > load.min_events_per_s
-        assert p99 < MAX_P99_MS
-    finally:
-        await sink.stop()
-        subscriber.stop()
-        store.close()
-        if mosquitto is not None:
-            mosquitto.stop()
-        if embedded is not None:
-            await embedded.stop()
