@@ -153,6 +153,8 @@ class Node:
                 CtiStateStore(store, node_name()),
                 has_binding=edge.has_binding,
             )
+            cti.calls = control
+            control.queues = cti
             await cti.start({u.name for u in config.users if edge.has_binding(u.name)})
             self.cti = cti
             self._stack.push_async_callback(cti.stop)

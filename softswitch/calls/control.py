@@ -24,6 +24,7 @@ from softswitch.calls.models import (
     LegState,
     new_conversation_id,
 )
+from softswitch.cti.core import CallAction, CancelOffer, ConnectCaller, OfferCall, RouteCaller
 from softswitch.dialplan import actions
 from softswitch.events.bus import EventBus
 from softswitch.events.types import (
@@ -47,8 +48,10 @@ from softswitch.media.protocol import (
     LegDtmf,
     LegIncoming,
     Originate,
+    Play,
     PlayerDone,
     Reject,
+    StopPlay,
     StopTone,
     Tone,
 )
@@ -63,6 +66,12 @@ log = structlog.get_logger(__name__)
 COMMAND_TIMEOUT_S = 5.0
 #: What a worker reports for an originated leg it cancelled at its ring timeout (RFC 3261 §21.4.9).
 RING_TIMEOUT_CODE = 408
+#: Ring timeout of a leg offering a queue caller to an agent: the queue's own offer timer (ring_timeout_s)
+#: withdraws the offer first; this only bounds a leg nobody withdraws.
+OFFER_LEG_TIMEOUT_S = 600.0
+#: A caller routed on by a queue (overflow, no agents) more often than this is hung up: a dialplan whose
+#: overflow destinations lead back into full queues must not loop.
+MAX_QUEUE_REROUTES = 5
 
 
 class MediaPlane(Protocol):
@@ -71,6 +80,26 @@ class MediaPlane(Protocol):
     async def command(self, worker_id: str, cmd: Command, timeout_s: float = ...) -> dict[str, Any]: ...
 
     def subscribe(self, callback: Callable[[str, Event], None]) -> None: ...
+
+
+class QueueService(Protocol):
+    """What call control reports to the contact-centre layer (the CTI runtime) about queue calls."""
+
+    def has_queue(self, queue_id: str) -> bool: ...
+
+    def caller_queued(
+        self, queue_id: str, conversation_id: str, call_id: str, sip_call_id: str, from_: str, to: str
+    ) -> None: ...
+
+    def caller_gone(self, conversation_id: str) -> None: ...
+
+    def offer_ringing(self, agent_id: str, conversation_id: str) -> None: ...
+
+    def offer_answered(self, agent_id: str, conversation_id: str) -> None: ...
+
+    def offer_failed(self, agent_id: str, conversation_id: str) -> None: ...
+
+    def agent_call_ended(self, agent_id: str, conversation_id: str, talk_s: float) -> None: ...
 
 
 class Router(Protocol):
@@ -130,6 +159,8 @@ class CallControl:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._channels: dict[str, LegChannel] = {}  # legs a dialplan application runs on
+        self.queues: QueueService | None = None  # the CTI layer, when the node runs one
+        self._reroutes: dict[str, int] = {}  # conversation id -> times a queue routed its caller on
         self._leg_ids = itertools.count(1)
         self._node = secrets.token_hex(3)
 
@@ -252,6 +283,8 @@ class CallControl:
         elif isinstance(action, actions.Echo):
             if await self._send(a.worker_id, Answer(leg=a.id, code=200)):
                 await self._send(a.worker_id, Echo(leg=a.id))
+        elif isinstance(action, actions.Queue):
+            await self._enqueue(conv, a, action.queue)
         elif isinstance(action, actions.Playback):
             try:
                 self.prompts.path(action.prompt)
@@ -265,6 +298,117 @@ class CallControl:
         else:
             log.info("dialplan action not available", action=type(action).__name__)
             await self._reject(a, 501, "Not Implemented")
+
+    # -- ACD queues (the CTI layer decides who is offered the caller; this carries it out) ----------
+
+    async def _enqueue(self, conv: Conversation, a: Leg, queue_id: str) -> None:
+        if self.queues is None or not self.queues.has_queue(queue_id):
+            log.warning("dialplan names a queue that is not configured", queue=queue_id)
+            await self._reject(a, 404, "Not Found")
+            return
+        if a.answered_at is None and not await self._send(a.worker_id, Answer(leg=a.id, code=200)):
+            return
+        await self._send(
+            a.worker_id, Play(leg=a.id, files=[str(self.prompts.path("music_on_hold"))], loop=True)
+        )
+        conv.queue_id = queue_id
+        log.info("caller queued", queue=queue_id)
+        self.queues.caller_queued(queue_id, conv.id, a.id, a.sip_call_id, a.from_, conv.callee)
+
+    def carry_out(self, action: CallAction) -> None:
+        """A call action of the CTI layer (offer, withdraw, connect, route on), run in its own task."""
+        self._spawn(self._carry_out(action))
+
+    async def _carry_out(self, action: CallAction) -> None:
+        conv = self.conversations.get(action.conversation_id)
+        if conv is None:
+            if isinstance(action, OfferCall) and self.queues is not None:
+                self.queues.offer_failed(action.agent_id, action.conversation_id)
+            return
+        with structlog.contextvars.bound_contextvars(conversation_id=conv.id):
+            async with self._lock(conv.id):
+                if isinstance(action, OfferCall):
+                    await self._offer(conv, action)
+                elif isinstance(action, CancelOffer):
+                    leg = self._agent_leg(conv, action.agent_id)
+                    if leg is not None and not leg.final_status:
+                        leg.final_status, leg.released_by = "canceled", "local"
+                        await self._send(leg.worker_id, Hangup(leg=leg.id))
+                elif isinstance(action, ConnectCaller):
+                    await self._connect(conv, action.agent_id)
+                else:
+                    await self._route_caller(conv, action)
+
+    async def _offer(self, conv: Conversation, action: OfferCall) -> None:
+        assert self.queues is not None
+        caller = self._caller(conv)
+        address = action.device.address
+        reachable = action.device.kind == "sip" and address in self.users and self.has_binding(address)
+        if caller is None or caller.ended or conv.queue_id is None or not reachable:
+            log.info("queue offer not placed", agent_id=action.agent_id, device=address, reachable=reachable)
+            self.queues.offer_failed(action.agent_id, conv.id)
+            return
+        leg = Leg(
+            self._new_leg_id(), caller.worker_id, conv.id, "outbound", "agent", caller.from_, address,
+            user=address, created_at=self.clock(), agent_id=action.agent_id,
+        )  # fmt: skip
+        conv.legs[leg.id] = leg
+        self.legs[leg.id] = leg
+        self._publish(CallInitiated, leg, user=address)
+        # RFC 5373-style auto-answer hint, honoured by phones that support it (the seed's auto answer).
+        headers = {"Call-Info": f"<sip:{self.domain}>;answer-after=0"} if action.auto_answer else {}
+        sent = await self._send(
+            caller.worker_id,
+            Originate(
+                leg=leg.id,
+                uri=f"sip:{address}@{self.domain}",
+                from_uri=f"sip:{caller.from_}@{self.domain}",
+                display_name=self.users.get(caller.from_, ""),
+                timeout_s=OFFER_LEG_TIMEOUT_S,
+                headers=headers,
+            ),
+        )
+        if not sent and not leg.ended:
+            leg.move(LegState.ENDED)
+            leg.ended_at = self.clock()
+            leg.final_status, leg.released_by, leg.sip_code = "failed", "system", 500
+            self._publish_ended(leg)
+            self.queues.offer_failed(action.agent_id, conv.id)
+
+    async def _connect(self, conv: Conversation, agent_id: str) -> None:
+        caller = self._caller(conv)
+        leg = self._agent_leg(conv, agent_id)
+        if leg is None or leg.ended:
+            return
+        if caller is None or caller.ended:
+            leg.final_status, leg.released_by = "completed", "local"
+            await self._send(leg.worker_id, Hangup(leg=leg.id))
+            return
+        conv.queue_id = None
+        await self._send(caller.worker_id, StopPlay(leg=caller.id))
+        if await self._send(caller.worker_id, Bridge(a=caller.id, b=leg.id)):
+            self._bridged(caller, leg)
+            log.info("queue caller connected", agent_id=agent_id)
+
+    async def _route_caller(self, conv: Conversation, action: RouteCaller) -> None:
+        caller = self._caller(conv)
+        if caller is None or caller.ended:
+            return
+        conv.queue_id = None
+        await self._send(caller.worker_id, StopPlay(leg=caller.id))
+        reroutes = self._reroutes[conv.id] = self._reroutes.get(conv.id, 0) + 1
+        log.info("queue routes the caller on", queue=action.queue_id, to=action.to, reason=action.reason)
+        if action.to is not None and reroutes <= MAX_QUEUE_REROUTES:
+            await self._route(conv, caller, action.to)
+            return
+        caller.final_status = "busy" if action.reason == "full" else "no_answer"
+        caller.released_by = "system"
+        await self._send(caller.worker_id, Hangup(leg=caller.id))
+
+    @staticmethod
+    def _agent_leg(conv: Conversation, agent_id: str) -> Leg | None:
+        live = [leg for leg in conv.legs.values() if leg.agent_id == agent_id]
+        return live[-1] if live else None
 
     async def _run_playback(self, conv: Conversation, leg: Leg, action: actions.Playback) -> None:
         channel = LegChannel(leg.id, lambda cmd: self._command(leg.worker_id, cmd))
@@ -356,6 +500,8 @@ class CallControl:
         if first:
             leg.ring_at = self.clock()
             self._publish(CallRinging, leg, early_media=early_media)
+            if leg.agent_id is not None and self.queues is not None:
+                self.queues.offer_ringing(leg.agent_id, conv.id)
         if leg.role != "callee":
             return
         caller = self._caller(conv)
@@ -378,6 +524,10 @@ class CallControl:
         leg.move(LegState.ANSWERED)
         leg.answered_at = now
         self._publish(CallAnswered, leg, answered_by=leg.user or leg.to)
+        if leg.agent_id is not None:
+            if self.queues is not None:
+                self.queues.offer_answered(leg.agent_id, conv.id)  # the CTI layer connects the caller
+            return
         if leg.role == "caller":
             callee = self._callee(conv)
             if callee is None and conv.state is ConversationState.SETUP:
@@ -396,7 +546,10 @@ class CallControl:
             if conv.max_duration_s:
                 self._arm_time_limit(conv)
         await self._send(caller.worker_id, StopTone(leg=caller.id))
-        if await self._send(caller.worker_id, Answer(leg=caller.id, code=200)):
+        # A caller answered already (by a queue, then routed on) is bridged at once.
+        if caller.answered_at is not None or await self._send(
+            caller.worker_id, Answer(leg=caller.id, code=200)
+        ):
             await self._send(caller.worker_id, Bridge(a=caller.id, b=leg.id))
         if caller.state is LegState.ANSWERED:
             self._bridged(caller, leg)
@@ -409,6 +562,7 @@ class CallControl:
     async def _disconnected(self, conv: Conversation, leg: Leg, ev: LegStateEvent) -> None:
         now = self.clock()
         answered = leg.answered_at is not None
+        remote = not leg.final_status  # not ended by this node's own decision
         leg.move(LegState.ENDED)
         leg.ended_at = now
         if not leg.final_status:
@@ -424,6 +578,20 @@ class CallControl:
                 else final_status(ev.sip_code, ev.reason, answered)
             )
         self._publish_ended(leg)
+        if self.queues is not None and leg.agent_id is not None:
+            if answered:
+                self.queues.agent_call_ended(leg.agent_id, conv.id, leg.talk_seconds())
+            elif remote:
+                self.queues.offer_failed(leg.agent_id, conv.id)  # rejected, busy or unreachable
+        if leg.agent_id is not None and leg.peer is None:
+            # An offer that ended (or an answer that came too late): the caller waits on for the next
+            # one, or is with another agent; nothing else ends with it.
+            if not conv.live_legs():
+                self._conversation_ended(conv)
+            return
+        if self.queues is not None and leg.role == "caller" and conv.queue_id is not None:
+            conv.queue_id = None
+            self.queues.caller_gone(conv.id)  # abandoned: the CTI layer withdraws its offers
         for other in conv.live_legs():
             if other.final_status:
                 continue  # already being released
@@ -482,6 +650,7 @@ class CallControl:
             self.legs.pop(leg_id, None)
         self.conversations.pop(conv.id, None)
         self._locks.pop(conv.id, None)
+        self._reroutes.pop(conv.id, None)
 
     # -- time limit -----------------------------------------------------------------------------
 

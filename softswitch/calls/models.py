@@ -72,6 +72,7 @@ class Leg:
     released_by: str = ""
     cause: str = ""
     peer: str | None = None  # the leg it is bridged with
+    agent_id: str | None = None  # a leg that offers a queue caller to this agent's device
 
     def move(self, state: LegState) -> None:
         if state not in LEG_TRANSITIONS[self.state]:
@@ -109,6 +110,7 @@ class Conversation:
     ended_at: float | None = None
     final_status: str = ""
     max_duration_s: float | None = None
+    queue_id: str | None = None  # the ACD queue the caller waits in (None once connected or routed away)
 
     def move(self, state: ConversationState) -> None:
         if state not in CONVERSATION_TRANSITIONS[self.state]:

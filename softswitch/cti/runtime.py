@@ -17,13 +17,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Collection
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import structlog
 
 from softswitch.cti.commands import Actor, CommandHandlers, failure
-from softswitch.cti.core import CtiCore, Outcome, TimerKey
+from softswitch.cti.core import CallAction, CtiCore, Outcome, TimerKey
 from softswitch.cti.errors import NOT_SUPPORTED, CommandError
+from softswitch.cti.queues import QueuedCall
 from softswitch.events.bus import EventBus
 from softswitch.events.types import DeviceRegistered, DeviceUnregistered, Event
 from softswitch.store.agents import CtiStateStore
@@ -34,8 +35,14 @@ log = structlog.get_logger(__name__)
 SAVE_DELAY_S: Final = 0.2
 
 
+class CallLayer(Protocol):
+    """What the runtime asks of call control: carry out an offer, a withdrawal, a connection, a re-route."""
+
+    def carry_out(self, action: CallAction) -> None: ...
+
+
 class CtiRuntime:
-    """Runs one `CtiCore` on the node's event loop."""
+    """Runs one `CtiCore` on the node's event loop; it is also call control's `QueueService`."""
 
     def __init__(
         self,
@@ -56,6 +63,7 @@ class CtiRuntime:
         self._unsubscribe: Callable[[], None] | None = None
         self._save_handle: asyncio.TimerHandle | None = None
         self._saving: asyncio.Task[None] | None = None
+        self.calls: CallLayer | None = None  # set by the composition root once call control exists
 
     async def start(self, registrations: Collection[str]) -> None:
         """Restore the saved state, reconciled with the users registered now; then follow the bus."""
@@ -109,6 +117,43 @@ class CtiRuntime:
             # One of several contacts going away leaves the device reachable: only the last one counts.
             self._apply(self.core.device_unregistered(event.user, now))
 
+    # -- inputs from call control (QueueService) ----------------------------------------------------
+
+    def has_queue(self, queue_id: str) -> bool:
+        return any(q.id == queue_id for q in self.core.queues())
+
+    def caller_queued(
+        self, queue_id: str, conversation_id: str, call_id: str, sip_call_id: str, from_: str, to: str
+    ) -> None:
+        call = QueuedCall(conversation_id, call_id, sip_call_id, "inbound", from_, to)
+        self._report("call_queued", lambda now: self.core.call_queued(queue_id, call, now))
+
+    def caller_gone(self, conversation_id: str) -> None:
+        self._report("caller_abandoned", lambda now: self.core.caller_abandoned(conversation_id, now))
+
+    def offer_ringing(self, agent_id: str, conversation_id: str) -> None:
+        self._report("offer_ringing", lambda now: self.core.offer_ringing(agent_id, conversation_id, now))
+
+    def offer_answered(self, agent_id: str, conversation_id: str) -> None:
+        self._report("offer_answered", lambda now: self.core.offer_answered(agent_id, conversation_id, now))
+
+    def offer_failed(self, agent_id: str, conversation_id: str) -> None:
+        self._report("offer_failed", lambda now: self.core.offer_failed(agent_id, conversation_id, now))
+
+    def agent_call_ended(self, agent_id: str, conversation_id: str, talk_s: float) -> None:
+        self._report(
+            "agent_call_ended",
+            lambda now: self.core.agent_call_ended(agent_id, conversation_id, now, talk_s=talk_s),
+        )
+
+    def _report(self, what: str, step: Callable[[float], Outcome]) -> None:
+        try:
+            outcome = step(self.clock())
+        except (KeyError, ValueError) as exc:  # an agent or queue no longer configured, a duplicate
+            log.warning("CTI input refused", input=what, error=str(exc))
+            return
+        self._apply(outcome)
+
     def _fire(self, key: TimerKey) -> None:
         self._timers.pop(key, None)
         self._apply(self.core.timer_fired(key, self.clock()))
@@ -127,12 +172,13 @@ class CtiRuntime:
             if previous is not None:
                 previous.cancel()
             self._timers[timer.key] = loop.call_later(max(0.0, timer.at - now), self._fire, timer.key)
-        for action in outcome.actions:
-            # Queue calls reach the core only through the `queue` dialplan action, which the call layer
-            # answers itself until it routes calls to agents: no action can arise before then.
-            log.error("CTI call action not carried out", action=repr(action))
         for event in outcome.events:
             self.bus.publish(event)
+        for action in outcome.actions:
+            if self.calls is None:
+                log.error("CTI call action with no call layer to carry it out", action=repr(action))
+            else:
+                self.calls.carry_out(action)
         if outcome.events or outcome.timers or outcome.cancelled_timers:
             self._schedule_save()
 

@@ -182,8 +182,12 @@ class Collector:
         seen: set[str] = set()
         out = []
         for message in self.messages:
-            if message.topic.endswith("/registration") or not message.payload:
-                continue
+            if (
+                message.topic.endswith("/registration")
+                or "/commands/" in message.topic
+                or not message.payload
+            ):
+                continue  # snapshots of devices, and commands (a backend's own messages), are no events
             envelope = message.json()
             if envelope["id"] not in seen:
                 seen.add(envelope["id"])

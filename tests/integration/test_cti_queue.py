@@ -1,0 +1,210 @@
+"""The support queue end to end: SIPp customers call 8000, agents logged in over MQTT take the calls on
+their SIPp phones (registered as 1001 and 1002), and the agent and queue events tell the story.
+
+- answered: the customer waits with music on hold, agent 8001's phone rings and answers, the two are
+  bridged, the customer hangs up, 8001 wraps up and is ready again after `wrap_up_s`;
+- not answered: 8001's phone is busy (486), so 8001 goes not_ready with reason `no_answer` and
+  `agent.offer_missed`, and 8002's phone rings and takes the call;
+- abandoned: the customer hangs up while the agent's phone rings; the offer is withdrawn (CANCEL) and the
+  agent is ready again, with no missed offer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import DEMO_PASSWORDS
+from tests.integration.helpers import RunningSoftswitch, running_softswitch
+from tests.integration.peers import Sipp, SippProcess, free_port
+from tests.integration.test_cti_mqtt import commander
+from tests.integration.test_mqtt_sink import assert_valid_and_gap_free, collecting
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "softswitch/v1/default"
+CUSTOMER = "1003"
+QUEUE_NUMBER = "8000"
+WRAP_UP_S = 1
+AGENTS_TOML = f"""
+[[agents]]
+id = "8001"
+password = "demo8001"
+extension = "1001"
+queues = ["support"]
+wrap_up_s = {WRAP_UP_S}
+
+[[agents]]
+id = "8002"
+password = "demo8002"
+extension = "1002"
+queues = ["support"]
+wrap_up_s = {WRAP_UP_S}
+"""
+SIPP_TIMEOUT_S = 40.0
+UAS_STARTUP_S = 0.3
+EVENTS_TIMEOUT_S = 20.0
+HOLD_MS = 3000  # the customer's whole call: waiting, then talking to the agent
+
+
+def _phone(sipp: Sipp, node: RunningSoftswitch, user: str, scenario: str) -> SippProcess:
+    """Register `user` from a fresh port and answer there with `scenario` (one call)."""
+    port = free_port()
+    registered = sipp.run(
+        "register_digest", node.sip_port, local_port=port, users=[(user, DEMO_PASSWORDS[user])],
+        sets={"expires": "300"}, timeout_s=SIPP_TIMEOUT_S,
+    )  # fmt: skip
+    assert registered.ok, registered.describe()
+    phone = sipp.start(scenario, None, local_port=port, calls=1, timeout_s=SIPP_TIMEOUT_S)
+    time.sleep(UAS_STARTUP_S)
+    return phone
+
+
+def _customer(sipp: Sipp, node: RunningSoftswitch, hold_ms: int = HOLD_MS) -> SippProcess:
+    """The customer calls the queue; the queue answers at once (music on hold), the customer hangs up."""
+    return sipp.start(
+        "uac_expect_status", node.sip_port, users=[(CUSTOMER, DEMO_PASSWORDS[CUSTOMER])], calls=1,
+        timeout_s=SIPP_TIMEOUT_S, sets={"expected": "200", "alternative": "none", "hangup": "local"},
+        extra_args=["-s", QUEUE_NUMBER, "-d", str(hold_ms)],
+    )  # fmt: skip
+
+
+async def _until(
+    events: Callable[[], list[dict[str, Any]]], done: Callable[[list[dict[str, Any]]], bool]
+) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + EVENTS_TIMEOUT_S
+    while True:
+        current = events()
+        if done(current):
+            return current
+        assert time.monotonic() < deadline, [(e["type"], e["data"].get("state")) for e in current]
+        await asyncio.sleep(0.05)
+
+
+def _states(events: list[dict[str, Any]], agent: str) -> list[tuple[str, str | None]]:
+    return [
+        (e["data"]["state"], e["data"]["reason"])
+        for e in events
+        if e["type"] == "agent.state_changed" and e["data"]["agent_id"] == agent
+    ]
+
+
+def _settled(agent: str, state: str, after: str) -> Callable[[list[dict[str, Any]]], bool]:
+    """True once `agent` went through `after` and is now in `state`."""
+
+    def done(events: list[dict[str, Any]]) -> bool:
+        states = [s for s, _ in _states(events, agent)]
+        return after in states and states[-1] == state and states.index(after) < len(states) - 1
+
+    return done
+
+
+async def _login(app: Any, *agents: str) -> None:
+    for agent in agents:
+        reply = await app.call("agent.login", {"agent_id": agent, "password": f"demo{agent}"})
+        assert reply["ok"], reply
+        await asyncio.sleep(0.05)  # logged in one after the other: 8001 has been idle longest
+
+
+@pytest.mark.timeout(150)
+async def test_a_queue_call_is_answered_by_an_agent(tmp_path: Path, sipp: Sipp) -> None:
+    with running_softswitch(tmp_path / "node", AGENTS_TOML) as node:
+        assert node.mqtt_port is not None
+        async with (
+            collecting(node.mqtt_port, f"{PREFIX}/#") as collector,
+            commander(node.mqtt_port, v5=False) as app,
+        ):
+            phone = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_answer_hold")
+            await _login(app, "8001")
+            await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
+            customer = await asyncio.to_thread(_customer, sipp, node)
+            called = await asyncio.to_thread(customer.wait)
+            answered = await asyncio.to_thread(phone.wait)
+            assert called.ok and called.successful == 1, called.describe()
+            assert answered.ok and answered.successful == 1, answered.describe()
+            events = await _until(collector.events, _settled("8001", "ready", "wrap_up"))
+            events = await _until(collector.events, lambda ev: any(e["type"] == "cdr.created" for e in ev))
+
+    assert_valid_and_gap_free(events)
+    assert [s for s, _ in _states(events, "8001")] == [
+        "offline", "ready", "reserved", "ringing", "busy", "wrap_up", "ready"
+    ] or [s for s, _ in _states(events, "8001")] == [
+        "ready", "reserved", "ringing", "busy", "wrap_up", "ready"
+    ], _states(events, "8001")  # fmt: skip
+    wrap_up, ready = [e for e in events if e["type"] == "agent.state_changed"][-2:]
+    gap_s = _epoch(ready["time"]) - _epoch(wrap_up["time"])
+    assert WRAP_UP_S - 0.2 <= gap_s <= WRAP_UP_S + 2, gap_s  # auto-ready when wrap-up ends
+    types = [e["type"] for e in events]
+    for expected in ("call.queued", "agent.offered", "call.dequeued", "call.bridged", "queue.stats"):
+        assert expected in types, (expected, types)
+    (dequeued,) = [e["data"] for e in events if e["type"] == "call.dequeued"]
+    assert dequeued["reason"] == "answered", dequeued
+    bridged = [e["data"] for e in events if e["type"] == "call.bridged"]
+    assert {b["role"] for b in bridged} == {"caller", "agent"}, bridged
+    (cdr,) = [e["data"]["cdr"] for e in events if e["type"] == "cdr.created"]
+    assert {leg["role"] for leg in cdr["legs"]} == {"caller", "agent"}, cdr
+
+
+@pytest.mark.timeout(150)
+async def test_an_unanswered_offer_moves_to_the_next_agent(tmp_path: Path, sipp: Sipp) -> None:
+    with running_softswitch(tmp_path / "node", AGENTS_TOML) as node:
+        assert node.mqtt_port is not None
+        async with (
+            collecting(node.mqtt_port, f"{PREFIX}/#") as collector,
+            commander(node.mqtt_port, v5=False) as app,
+        ):
+            busy_phone = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_busy")
+            phone = await asyncio.to_thread(_phone, sipp, node, "1002", "uas_answer_hold")
+            await _login(app, "8001", "8002")
+            await _until(collector.events, lambda ev: _states(ev, "8002")[-1:] == [("ready", None)])
+            customer = await asyncio.to_thread(_customer, sipp, node)
+            called = await asyncio.to_thread(customer.wait)
+            rejected = await asyncio.to_thread(busy_phone.wait)
+            answered = await asyncio.to_thread(phone.wait)
+            assert called.ok and rejected.ok and answered.ok, (
+                called.describe() + rejected.describe() + answered.describe()
+            )
+            events = await _until(collector.events, _settled("8002", "ready", "wrap_up"))
+
+    assert_valid_and_gap_free(events)
+    assert _states(events, "8001")[-1] == ("not_ready", "no_answer"), _states(events, "8001")
+    missed = [e["data"] for e in events if e["type"] == "agent.offer_missed"]
+    assert [m["agent_id"] for m in missed] == ["8001"], missed
+    assert "busy" in [s for s, _ in _states(events, "8002")], _states(events, "8002")
+    offered = [e["data"]["agent_id"] for e in events if e["type"] == "agent.offered"]
+    assert offered == ["8001", "8002"], offered
+
+
+@pytest.mark.timeout(150)
+async def test_a_caller_who_hangs_up_while_the_agent_rings_abandons(tmp_path: Path, sipp: Sipp) -> None:
+    with running_softswitch(tmp_path / "node", AGENTS_TOML) as node:
+        assert node.mqtt_port is not None
+        async with (
+            collecting(node.mqtt_port, f"{PREFIX}/#") as collector,
+            commander(node.mqtt_port, v5=False) as app,
+        ):
+            ringing = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_no_answer")
+            await _login(app, "8001")
+            await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
+            customer = await asyncio.to_thread(_customer, sipp, node, 1500)
+            called = await asyncio.to_thread(customer.wait)
+            assert called.ok, called.describe()
+            events = await _until(collector.events, _settled("8001", "ready", "ringing"))
+            ringing.stop()
+
+    states = [s for s, _ in _states(events, "8001")]
+    assert states[-3:] == ["reserved", "ringing", "ready"], states
+    assert not [e for e in events if e["type"] == "agent.offer_missed"]
+    (dequeued,) = [e["data"] for e in events if e["type"] == "call.dequeued"]
+    assert dequeued["reason"] == "abandoned", dequeued
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
