@@ -24,7 +24,10 @@ from softswitch.calls.models import (
     LegState,
     new_conversation_id,
 )
+from softswitch.cti.commands import CallControlRequest, CallRequest, SendDtmfRequest
 from softswitch.cti.core import CallAction, CancelOffer, ConnectCaller, OfferCall, RouteCaller
+from softswitch.cti.errors import INVALID_STATE, NO_ACTIVE_CALL, NOT_SUPPORTED
+from softswitch.cti.errors import CommandError as CtiError
 from softswitch.dialplan import actions
 from softswitch.events.bus import EventBus
 from softswitch.events.types import (
@@ -33,7 +36,9 @@ from softswitch.events.types import (
     CallDtmf,
     CallEnded,
     CallEvent,
+    CallHeld,
     CallInitiated,
+    CallRetrieved,
     CallRinging,
     ConversationEnded,
 )
@@ -51,9 +56,11 @@ from softswitch.media.protocol import (
     Play,
     PlayerDone,
     Reject,
+    SendDtmf,
     StopPlay,
     StopTone,
     Tone,
+    Unbridge,
 )
 from softswitch.media.protocol import LegState as LegStateEvent
 from softswitch.prompts import PromptError, PromptSet
@@ -404,6 +411,66 @@ class CallControl:
         caller.final_status = "busy" if action.reason == "full" else "no_answer"
         caller.released_by = "system"
         await self._send(caller.worker_id, Hangup(leg=caller.id))
+
+    # -- commands on live calls (CTI call.* commands, carried out here) ----------------------------
+
+    async def execute(self, request: CallRequest) -> dict[str, Any]:
+        """Carry out a validated `call.*` command on a live call; raises the CTI CommandError (a stable
+        code and a message) when it cannot."""
+        leg = self._request_leg(request)
+        conv = self.conversations[leg.conversation_id]
+        async with self._lock(conv.id):
+            if leg.ended:
+                raise CtiError(NO_ACTIVE_CALL, "the call ended")
+            far = self.legs.get(leg.peer) if leg.peer else None
+            if isinstance(request, SendDtmfRequest):
+                target = far or leg
+                if not await self._send(target.worker_id, SendDtmf(leg=target.id, digits=request.digits)):
+                    raise CtiError(INVALID_STATE, "the far end has no audio to carry the digits")
+                return {"call_id": target.id, "digits": request.digits}
+            if not isinstance(request, CallControlRequest):
+                raise CtiError(NOT_SUPPORTED, f"{request.command} is not carried out by this node yet")
+            if request.command == "call.hangup":
+                leg.final_status, leg.released_by = "completed" if leg.answered_at else "canceled", "local"
+                await self._send(leg.worker_id, Hangup(leg=leg.id))
+                return {"call_id": leg.id}
+            if request.command in ("call.hold", "call.retrieve"):
+                if far is None or far.ended:
+                    raise CtiError(NO_ACTIVE_CALL, "the call has no other party to hold")
+                return await self._hold(leg, far, hold=request.command == "call.hold")
+            raise CtiError(NOT_SUPPORTED, f"{request.command} is not carried out by this node yet")
+
+    def _request_leg(self, request: CallRequest) -> Leg:
+        if request.call_id is not None:
+            leg = self.legs.get(request.call_id)
+        elif request.conversation_id is not None and request.agent_id is not None:
+            conv = self.conversations.get(request.conversation_id)
+            leg = self._agent_leg(conv, request.agent_id) if conv is not None else None
+        else:
+            leg = None
+        if leg is None or leg.ended:
+            raise CtiError(NO_ACTIVE_CALL, "no live call to act on")
+        return leg
+
+    async def _hold(self, leg: Leg, far: Leg, *, hold: bool) -> dict[str, Any]:
+        """Hold: the far end is split from `leg` and hears music on hold; retrieve joins them again."""
+        if far.held == hold:
+            raise CtiError(
+                INVALID_STATE, "the call is on hold already" if hold else "the call is not on hold"
+            )
+        if hold:
+            await self._send(leg.worker_id, Unbridge(a=leg.id, b=far.id))
+            music = str(self.prompts.path("music_on_hold"))
+            await self._send(far.worker_id, Play(leg=far.id, files=[music], loop=True))
+            far.held = True
+            self._publish(CallHeld, far, by="api")
+        else:
+            await self._send(far.worker_id, StopPlay(leg=far.id))
+            await self._send(leg.worker_id, Bridge(a=leg.id, b=far.id))
+            far.held = False
+            self._publish(CallRetrieved, far, by="api")
+        log.info("call held" if hold else "call retrieved", call_id=far.id)
+        return {"call_id": far.id, "held": hold}
 
     @staticmethod
     def _agent_leg(conv: Conversation, agent_id: str) -> Leg | None:

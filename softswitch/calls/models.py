@@ -73,6 +73,7 @@ class Leg:
     cause: str = ""
     peer: str | None = None  # the leg it is bridged with
     agent_id: str | None = None  # a leg that offers a queue caller to this agent's device
+    held: bool = False  # split from its peer and hearing music on hold (call.hold)
 
     def move(self, state: LegState) -> None:
         if state not in LEG_TRANSITIONS[self.state]:

@@ -7,8 +7,8 @@ are armed on the event loop, and the core's state is saved to the store shortly 
 a restart restores and reconciles it (`CtiCore.restore`).
 
 Commands run on the loop, one at a time (the core is plain synchronous code), so they are serialised.
-`call.*` commands are validated and authorised by the handlers; carrying them out belongs to the call
-layer, and until it takes them they are answered `not_supported`, never silently dropped.
+`call.*` commands are validated and authorised by the handlers and carried out by the call layer
+(`execute`); what it does not carry out yet is answered `not_supported`, never silently dropped.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Final, Protocol
 
 import structlog
 
-from softswitch.cti.commands import Actor, CommandHandlers, failure
+from softswitch.cti.commands import Actor, CallRequest, CommandHandlers, failure, success
 from softswitch.cti.core import CallAction, CtiCore, Outcome, TimerKey
 from softswitch.cti.errors import NOT_SUPPORTED, CommandError
 from softswitch.cti.queues import QueuedCall
@@ -39,6 +39,8 @@ class CallLayer(Protocol):
     """What the runtime asks of call control: carry out an offer, a withdrawal, a connection, a re-route."""
 
     def carry_out(self, action: CallAction) -> None: ...
+
+    async def execute(self, request: CallRequest) -> dict[str, Any]: ...
 
 
 class CtiRuntime:
@@ -105,9 +107,16 @@ class CtiRuntime:
         self._apply(result.outcome)
         if result.reply is not None:
             return result.reply.as_dict()
-        assert result.request is not None
-        refusal = CommandError(NOT_SUPPORTED, f"{name} is not carried out by this node yet")
-        return failure(result.request, refusal).as_dict()
+        request = result.request
+        assert request is not None
+        if self.calls is None:
+            refusal = CommandError(NOT_SUPPORTED, f"{name} is not carried out by this node yet")
+            return failure(request, refusal).as_dict()
+        try:
+            data = await self.calls.execute(request)
+        except CommandError as exc:
+            return failure(request, exc).as_dict()
+        return success(request, data).as_dict()
 
     def _on_event(self, event: Event) -> None:
         now = self.clock()

@@ -149,6 +149,27 @@ class CallUnbridged(CallEvent):
     peer_call_id: str = ""
 
 
+HELD_BY: Final = ("local", "remote", "api")
+
+
+@dataclass(frozen=True, slots=True)
+class CallHeld(CallEvent):
+    """A leg was put on hold: its peer is split from it and it hears music (`by`: who asked)."""
+
+    type: ClassVar[str] = "call.held"
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {**CallEvent.value_sets, "by": HELD_BY}
+    by: str = "api"
+
+
+@dataclass(frozen=True, slots=True)
+class CallRetrieved(CallEvent):
+    """A held leg was taken off hold and joined to its peer again."""
+
+    type: ClassVar[str] = "call.retrieved"
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {**CallEvent.value_sets, "by": HELD_BY}
+    by: str = "api"
+
+
 @dataclass(frozen=True, slots=True)
 class CallDtmf(CallEvent):
     """A key pressed on a leg: an RFC 4733 telephone-event or a SIP INFO (application/dtmf-relay)."""

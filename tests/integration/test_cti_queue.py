@@ -208,3 +208,52 @@ def _epoch(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+@pytest.mark.timeout(150)
+async def test_the_agent_holds_retrieves_keys_and_hangs_up_by_command(tmp_path: Path, sipp: Sipp) -> None:
+    """call.hold / call.retrieve / call.send_dtmf / call.hangup on the agent's queue call, over MQTT."""
+    with running_softswitch(tmp_path / "node", AGENTS_TOML) as node:
+        assert node.mqtt_port is not None
+        async with (
+            collecting(node.mqtt_port, f"{PREFIX}/#") as collector,
+            commander(node.mqtt_port, v5=False) as app,
+        ):
+            phone = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_answer_hold")
+            await _login(app, "8001")
+            await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
+            customer = await asyncio.to_thread(
+                lambda: sipp.start(
+                    "uac_expect_status", node.sip_port, users=[(CUSTOMER, DEMO_PASSWORDS[CUSTOMER])],
+                    calls=1, timeout_s=SIPP_TIMEOUT_S,
+                    sets={"expected": "200", "alternative": "none", "hangup": "remote"},
+                    extra_args=["-s", QUEUE_NUMBER],
+                )
+            )  # fmt: skip
+            await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
+
+            agent = {"agent_id": "8001"}
+            assert (await app.call("call.hold", agent))["ok"]
+            again = await app.call("call.hold", agent)
+            assert (again["ok"], again["code"]) == (False, "invalid_state"), again
+            assert (await app.call("call.retrieve", agent))["ok"]
+            keyed = await app.call("call.send_dtmf", {**agent, "digits": "12#"})
+            assert keyed["ok"], keyed
+            hung_up = await app.call("call.hangup", agent)
+            assert hung_up["ok"], hung_up
+            called = await asyncio.to_thread(customer.wait)  # the customer got the BYE and answered it
+            answered = await asyncio.to_thread(phone.wait)
+            assert called.ok and answered.ok, called.describe() + answered.describe()
+            events = await _until(collector.events, _settled("8001", "ready", "wrap_up"))
+            none_left = await app.call("call.hangup", agent)
+
+    assert (none_left["ok"], none_left["code"]) == (False, "no_active_call"), none_left
+    assert_valid_and_gap_free(events)
+    customer_leg = next(e["data"]["call_id"] for e in events if e["type"] == "call.queued")
+    holds = [(e["type"], e["data"]["call_id"], e["data"]["by"]) for e in events if e["type"] in (
+        "call.held", "call.retrieved"
+    )]  # fmt: skip
+    assert holds == [("call.held", customer_leg, "api"), ("call.retrieved", customer_leg, "api")], holds
+    ended = [e["data"] for e in events if e["type"] == "call.ended"]
+    agent_leg = next(d for d in ended if d["role"] == "agent")
+    assert (agent_leg["released_by"], agent_leg["final_status"]) == ("local", "completed"), agent_leg
