@@ -24,9 +24,9 @@ from softswitch.calls.models import (
     LegState,
     new_conversation_id,
 )
-from softswitch.cti.commands import CallControlRequest, CallRequest, SendDtmfRequest
+from softswitch.cti.commands import CallControlRequest, CallRequest, OriginateRequest, SendDtmfRequest
 from softswitch.cti.core import CallAction, CancelOffer, ConnectCaller, OfferCall, RouteCaller
-from softswitch.cti.errors import INVALID_STATE, NO_ACTIVE_CALL, NOT_SUPPORTED
+from softswitch.cti.errors import DEVICE_UNAVAILABLE, INTERNAL, INVALID_STATE, NO_ACTIVE_CALL, NOT_SUPPORTED
 from softswitch.cti.errors import CommandError as CtiError
 from softswitch.dialplan import actions
 from softswitch.events.bus import EventBus
@@ -76,6 +76,8 @@ RING_TIMEOUT_CODE = 408
 #: Ring timeout of a leg offering a queue caller to an agent: the queue's own offer timer (ring_timeout_s)
 #: withdraws the offer first; this only bounds a leg nobody withdraws.
 OFFER_LEG_TIMEOUT_S = 600.0
+#: Seconds the agent's own phone rings for call.originate before the attempt is given up.
+ORIGINATE_AGENT_TIMEOUT_S = 30.0
 #: A caller routed on by a queue (overflow, no agents) more often than this is hung up: a dialplan whose
 #: overflow destinations lead back into full queues must not loop.
 MAX_QUEUE_REROUTES = 5
@@ -87,6 +89,9 @@ class MediaPlane(Protocol):
     async def command(self, worker_id: str, cmd: Command, timeout_s: float = ...) -> dict[str, Any]: ...
 
     def subscribe(self, callback: Callable[[str, Event], None]) -> None: ...
+
+    def choose(self) -> Any:
+        """The worker (with its `id`) a new conversation goes to, or None when every worker is full."""
 
 
 class QueueService(Protocol):
@@ -105,6 +110,8 @@ class QueueService(Protocol):
     def offer_answered(self, agent_id: str, conversation_id: str) -> None: ...
 
     def offer_failed(self, agent_id: str, conversation_id: str) -> None: ...
+
+    def agent_call_started(self, agent_id: str, conversation_id: str) -> None: ...
 
     def agent_call_ended(self, agent_id: str, conversation_id: str, talk_s: float) -> None: ...
 
@@ -269,6 +276,7 @@ class CallControl:
             user=ev.identity or None, created_at=now,
         )  # fmt: skip
         conv.legs[a.id] = a
+        conv.a_leg = a.id
         self.conversations[conv.id] = conv
         self.legs[a.id] = a
         with structlog.contextvars.bound_contextvars(
@@ -417,6 +425,8 @@ class CallControl:
     async def execute(self, request: CallRequest) -> dict[str, Any]:
         """Carry out a validated `call.*` command on a live call; raises the CTI CommandError (a stable
         code and a message) when it cannot."""
+        if isinstance(request, OriginateRequest):
+            return await self._originate(request)
         leg = self._request_leg(request)
         conv = self.conversations[leg.conversation_id]
         async with self._lock(conv.id):
@@ -439,6 +449,69 @@ class CallControl:
                     raise CtiError(NO_ACTIVE_CALL, "the call has no other party to hold")
                 return await self._hold(leg, far, hold=request.command == "call.hold")
             raise CtiError(NOT_SUPPORTED, f"{request.command} is not carried out by this node yet")
+
+    async def _originate(self, request: OriginateRequest) -> dict[str, Any]:
+        """call.originate (the seed's 外呼): ring the agent's device first; when the agent answers, dial
+        the customer through the dialplan and bridge. Replies once the agent's leg is started; the call's
+        progress shows in its events."""
+        device, agent_id = request.device, request.agent_id
+        if device is None or agent_id is None:
+            raise CtiError(DEVICE_UNAVAILABLE, "the agent has no device")
+        if device.kind != "sip" or device.address not in self.users or not self.has_binding(device.address):
+            raise CtiError(DEVICE_UNAVAILABLE, f"device {device.address} is not registered")
+        if self.router.route(request.to, caller=device.address) is None:
+            raise CtiError(INVALID_STATE, f"the dialplan has no route for {request.to!r}")
+        worker = self.media.choose()
+        if worker is None:
+            raise CtiError(INTERNAL, "every media worker is full")
+        now = self.clock()
+        conv = Conversation(new_conversation_id(), worker.id, now, caller=device.address, callee=request.to)
+        shown = request.caller_id or device.address
+        a = Leg(
+            self._new_leg_id(), worker.id, conv.id, "outbound", "agent", shown, device.address,
+            user=device.address, created_at=now, agent_id=agent_id,
+        )  # fmt: skip
+        conv.legs[a.id] = a
+        conv.a_leg = a.id
+        self.conversations[conv.id] = conv
+        self.legs[a.id] = a
+        with structlog.contextvars.bound_contextvars(conversation_id=conv.id, call_id=a.id):
+            log.info("agent originates", agent_id=agent_id, to=request.to)
+            self._publish(CallInitiated, a, user=device.address)
+            if self.queues is not None:
+                self.queues.agent_call_started(agent_id, conv.id)
+            async with self._lock(conv.id):
+                sent = await self._send(
+                    worker.id,
+                    Originate(
+                        leg=a.id,
+                        uri=f"sip:{device.address}@{self.domain}",
+                        from_uri=f"sip:{request.to}@{self.domain}",  # the agent's phone shows whom it calls
+                        timeout_s=ORIGINATE_AGENT_TIMEOUT_S,
+                    ),
+                )
+                if not sent and not a.ended:
+                    a.move(LegState.ENDED)
+                    a.ended_at = self.clock()
+                    a.final_status, a.released_by, a.sip_code = "failed", "system", 500
+                    self._publish_ended(a)
+                    self._conversation_ended(conv)
+                    if self.queues is not None:
+                        self.queues.agent_call_ended(agent_id, conv.id, 0.0)
+                    raise CtiError(INTERNAL, "the media worker did not place the call")
+        return {"conversation_id": conv.id, "call_id": a.id}
+
+    async def _dial_customer(self, conv: Conversation, agent: Leg) -> None:
+        if conv.state is ConversationState.SETUP:
+            conv.move(ConversationState.ACTIVE)
+            conv.answered_at = agent.answered_at
+        action = self.router.route(conv.callee, caller=agent.user or "")
+        if isinstance(action, actions.Dial):
+            await self._dial(conv, agent, action, role="customer")
+            return
+        log.info("originate target is not a user the node can dial", to=conv.callee, action=repr(action))
+        agent.final_status, agent.released_by, agent.sip_code = "failed", "local", 404
+        await self._send(agent.worker_id, Hangup(leg=agent.id))
 
     def _request_leg(self, request: CallRequest) -> Leg:
         if request.call_id is not None:
@@ -506,9 +579,12 @@ class CallControl:
         leg.sip_code = code
         leg.final_status = final_status(code, reason, answered=False)
         leg.released_by = "local"
+        if leg.answered_at is not None:  # answered already (an originating agent): end it with BYE
+            await self._send(leg.worker_id, Hangup(leg=leg.id))
+            return
         await self._send(leg.worker_id, Reject(leg=leg.id, code=code, reason=reason))
 
-    async def _dial(self, conv: Conversation, a: Leg, action: actions.Dial) -> None:
+    async def _dial(self, conv: Conversation, a: Leg, action: actions.Dial, role: str = "callee") -> None:
         target = action.target
         if target not in self.users:
             await self._reject(a, 404, "Not Found")
@@ -518,7 +594,7 @@ class CallControl:
             return
         conv.max_duration_s = action.max_duration_s
         b = Leg(
-            self._new_leg_id(), a.worker_id, conv.id, "outbound", "callee", a.from_, target,
+            self._new_leg_id(), a.worker_id, conv.id, "outbound", role, a.from_, target,
             user=target, created_at=self.clock(),
         )  # fmt: skip
         conv.legs[b.id] = b
@@ -567,9 +643,9 @@ class CallControl:
         if first:
             leg.ring_at = self.clock()
             self._publish(CallRinging, leg, early_media=early_media)
-            if leg.agent_id is not None and self.queues is not None:
+            if leg.agent_id is not None and leg.id != conv.a_leg and self.queues is not None:
                 self.queues.offer_ringing(leg.agent_id, conv.id)
-        if leg.role != "callee":
+        if leg.role not in ("callee", "customer"):
             return
         caller = self._caller(conv)
         if caller is None or caller.ended:
@@ -591,9 +667,12 @@ class CallControl:
         leg.move(LegState.ANSWERED)
         leg.answered_at = now
         self._publish(CallAnswered, leg, answered_by=leg.user or leg.to)
-        if leg.agent_id is not None:
+        if leg.agent_id is not None and leg.id != conv.a_leg:
             if self.queues is not None:
                 self.queues.offer_answered(leg.agent_id, conv.id)  # the CTI layer connects the caller
+            return
+        if leg.id == conv.a_leg and leg.role == "agent":
+            await self._dial_customer(conv, leg)  # call.originate: the agent answered, now the customer
             return
         if leg.role == "caller":
             callee = self._callee(conv)
@@ -646,11 +725,11 @@ class CallControl:
             )
         self._publish_ended(leg)
         if self.queues is not None and leg.agent_id is not None:
-            if answered:
+            if answered or leg.id == conv.a_leg:  # an originating agent's call ends even unanswered
                 self.queues.agent_call_ended(leg.agent_id, conv.id, leg.talk_seconds())
             elif remote:
                 self.queues.offer_failed(leg.agent_id, conv.id)  # rejected, busy or unreachable
-        if leg.agent_id is not None and leg.peer is None:
+        if leg.agent_id is not None and leg.id != conv.a_leg and leg.peer is None:
             # An offer that ended (or an answer that came too late): the caller waits on for the next
             # one, or is with another agent; nothing else ends with it.
             if not conv.live_legs():
@@ -745,11 +824,14 @@ class CallControl:
 
     @staticmethod
     def _caller(conv: Conversation) -> Leg | None:
+        """The leg that started the conversation (an inbound caller, or an originating agent)."""
+        if conv.a_leg is not None:
+            return conv.legs.get(conv.a_leg)
         return next((leg for leg in conv.legs.values() if leg.role == "caller"), None)
 
     @staticmethod
     def _callee(conv: Conversation) -> Leg | None:
-        return next((leg for leg in conv.legs.values() if leg.role == "callee"), None)
+        return next((leg for leg in conv.legs.values() if leg.role in ("callee", "customer")), None)
 
 
 def _user_of(uri: str) -> str:

@@ -112,6 +112,7 @@ class Conversation:
     final_status: str = ""
     max_duration_s: float | None = None
     queue_id: str | None = None  # the ACD queue the caller waits in (None once connected or routed away)
+    a_leg: str | None = None  # the leg that started it: the inbound caller, or the agent of call.originate
 
     def move(self, state: ConversationState) -> None:
         if state not in CONVERSATION_TRANSITIONS[self.state]:

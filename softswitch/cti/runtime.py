@@ -149,6 +149,11 @@ class CtiRuntime:
     def offer_failed(self, agent_id: str, conversation_id: str) -> None:
         self._report("offer_failed", lambda now: self.core.offer_failed(agent_id, conversation_id, now))
 
+    def agent_call_started(self, agent_id: str, conversation_id: str) -> None:
+        self._report(
+            "agent_call_started", lambda now: self.core.agent_call_started(agent_id, conversation_id, now)
+        )
+
     def agent_call_ended(self, agent_id: str, conversation_id: str, talk_s: float) -> None:
         self._report(
             "agent_call_ended",

@@ -109,6 +109,8 @@ PROBE_BUDGET_S: Final = 10.0
 PROBE_BATCH: Final = 16  # makeCall()s between two polls, keeping the INVITE burst under the socket buffer
 PROBE_STALL_S: Final = 2.0  # no further leg confirmed for this long: the engine holds no more
 PROBE_DRAIN_S: Final = 5.0  # bound on tearing the probe calls down
+PROBE_ATTEMPTS: Final = 5  # probes tried while one holds no leg at all
+PROBE_RETRY_S: Final = 1.0  # pause between them
 #: Below an engine limit the worker keeps 1/64 of the legs it measured (at least one) free, so that at
 #: capacity it can still create the call that answers 503 (TESTING.md: "Admission control must answer
 #: 503 well before the engine's limits"); past the table pjsua itself would answer 486.
@@ -1234,11 +1236,19 @@ class Worker:
     def _probe_capacity(self) -> int:
         """Hold as many loopback self-calls as the engine allows (bounded) and count the legs held."""
         cap = min(PROBE_MAX_LEGS, self.options.max_calls or PROBE_MAX_LEGS)
-        probe = _Probe(self)
-        self._probing = probe
         self._log_writer.muted = True
         try:
-            held = probe.run(cap)
+            for attempt in range(1, PROBE_ATTEMPTS + 1):
+                probe = _Probe(self)
+                self._probing = probe
+                held = probe.run(cap)
+                self._probing = None
+                if held or attempt == PROBE_ATTEMPTS:
+                    break
+                # Not a single leg: a passing shortage (another process holding the RTP ports for a
+                # moment, as a neighbour's own probe does), not the engine's limit. Try again.
+                log.warning("capacity probe held no leg: trying again", limit=probe.note, attempt=attempt)
+                time.sleep(PROBE_RETRY_S)
         finally:
             self._probing = None
             self._log_writer.muted = False

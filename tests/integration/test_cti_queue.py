@@ -230,7 +230,10 @@ async def test_the_agent_holds_retrieves_keys_and_hangs_up_by_command(tmp_path: 
                     extra_args=["-s", QUEUE_NUMBER],
                 )
             )  # fmt: skip
-            await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
+            try:
+                await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{customer.stop().describe()}\n{node.log_tail()}") from None
 
             agent = {"agent_id": "8001"}
             assert (await app.call("call.hold", agent))["ok"]
@@ -257,3 +260,42 @@ async def test_the_agent_holds_retrieves_keys_and_hangs_up_by_command(tmp_path: 
     ended = [e["data"] for e in events if e["type"] == "call.ended"]
     agent_leg = next(d for d in ended if d["role"] == "agent")
     assert (agent_leg["released_by"], agent_leg["final_status"]) == ("local", "completed"), agent_leg
+
+
+@pytest.mark.timeout(150)
+async def test_an_agent_originates_a_call_to_a_customer(tmp_path: Path, sipp: Sipp) -> None:
+    """call.originate: the agent's phone rings first; once it answers, the customer's phone is called and
+    the two are bridged; call.hangup ends it and the agent wraps up, then is ready again."""
+    with running_softswitch(tmp_path / "node", AGENTS_TOML) as node:
+        assert node.mqtt_port is not None
+        async with (
+            collecting(node.mqtt_port, f"{PREFIX}/#") as collector,
+            commander(node.mqtt_port, v5=False) as app,
+        ):
+            agent_phone = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_answer_hold")
+            customer_phone = await asyncio.to_thread(_phone, sipp, node, "1002", "uas_answer_hold")
+            await _login(app, "8001")
+            await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
+            started = await app.call("call.originate", {"agent_id": "8001", "to": "1002"})
+            assert started["ok"], started
+            conversation = started["data"]["conversation_id"]
+            await _until(
+                collector.events,
+                lambda ev: sum(e["type"] == "call.bridged" and e["subject"] == conversation for e in ev) == 2,
+            )
+            unknown = await app.call("call.originate", {"agent_id": "8001", "to": "1002"})
+            assert (unknown["ok"], unknown["code"]) == (False, "invalid_state"), unknown  # busy now
+            assert (await app.call("call.hangup", {"agent_id": "8001"}))["ok"]
+            answered = [await asyncio.to_thread(p.wait) for p in (agent_phone, customer_phone)]
+            assert all(r.ok and r.successful == 1 for r in answered), [r.describe() for r in answered]
+            events = await _until(collector.events, _settled("8001", "ready", "wrap_up"))
+
+    assert_valid_and_gap_free(events)
+    call_events = [e for e in events if e["subject"] == conversation and e["type"].startswith("call.")]
+    legs = {e["data"]["call_id"]: e["data"]["role"] for e in call_events if e["type"] == "call.initiated"}
+    assert sorted(legs.values()) == ["agent", "customer"], legs
+    first = call_events[0]["data"]
+    assert (first["role"], first["to"]) == ("agent", "1001"), first  # the agent's phone is called first
+    assert [s for s, _ in _states(events, "8001")][-3:] == ["busy", "wrap_up", "ready"], _states(
+        events, "8001"
+    )
