@@ -20,6 +20,7 @@ import structlog
 from fastapi import FastAPI
 
 from softswitch import __version__
+from softswitch.api.cti_rest import add_cti_routes
 from softswitch.api.http import HttpServer, build_http_app
 from softswitch.api.mqtt_commands import MqttCommandServer
 from softswitch.calls.cdr import CdrBuilder, recover_open_cdrs
@@ -166,6 +167,7 @@ class Node:
             )
             await commands.start()
             self._stack.push_async_callback(commands.stop)
+            add_cti_routes(self.http_app, config, cti.command)
 
             def publish_ports(http_port: int) -> None:
                 self.ports = Ports(sip=edge.port, http=http_port, mqtt=mqtt_port)
