@@ -24,9 +24,22 @@ from softswitch.calls.models import (
     LegState,
     new_conversation_id,
 )
-from softswitch.cti.commands import CallControlRequest, CallRequest, OriginateRequest, SendDtmfRequest
+from softswitch.cti.commands import (
+    CallControlRequest,
+    CallRequest,
+    OriginateRequest,
+    SendDtmfRequest,
+    TransferRequest,
+)
 from softswitch.cti.core import CallAction, CancelOffer, ConnectCaller, OfferCall, RouteCaller
-from softswitch.cti.errors import DEVICE_UNAVAILABLE, INTERNAL, INVALID_STATE, NO_ACTIVE_CALL, NOT_SUPPORTED
+from softswitch.cti.errors import (
+    DEVICE_UNAVAILABLE,
+    INTERNAL,
+    INVALID_STATE,
+    NO_ACTIVE_CALL,
+    NOT_SUPPORTED,
+    UNKNOWN_QUEUE,
+)
 from softswitch.cti.errors import CommandError as CtiError
 from softswitch.dialplan import actions
 from softswitch.events.bus import EventBus
@@ -41,6 +54,8 @@ from softswitch.events.types import (
     CallRetrieved,
     CallRinging,
     ConversationEnded,
+    TransferCompleted,
+    TransferInitiated,
 )
 from softswitch.media.protocol import (
     Answer,
@@ -438,6 +453,8 @@ class CallControl:
                 if not await self._send(target.worker_id, SendDtmf(leg=target.id, digits=request.digits)):
                     raise CtiError(INVALID_STATE, "the far end has no audio to carry the digits")
                 return {"call_id": target.id, "digits": request.digits}
+            if isinstance(request, TransferRequest) and request.command == "call.transfer":
+                return await self._blind_transfer(conv, leg, far, request)
             if not isinstance(request, CallControlRequest):
                 raise CtiError(NOT_SUPPORTED, f"{request.command} is not carried out by this node yet")
             if request.command == "call.hangup":
@@ -524,6 +541,55 @@ class CallControl:
         if leg is None or leg.ended:
             raise CtiError(NO_ACTIVE_CALL, "no live call to act on")
         return leg
+
+    async def _blind_transfer(
+        self, conv: Conversation, leg: Leg, far: Leg | None, request: TransferRequest
+    ) -> dict[str, Any]:
+        """call.transfer (blind, the seed's blindMove): the agent leaves the call and the far party goes
+        to the target — a registered user, a number the dialplan routes, or a queue."""
+        kind, target = request.target_kind, request.target_id
+        if far is None or far.ended:
+            raise CtiError(NO_ACTIVE_CALL, "the call has no other party to transfer")
+        if leg.agent_id is None:
+            raise CtiError(NOT_SUPPORTED, "only an agent's call can be transferred")
+        dial: actions.Dial | None = None
+        if kind == "queue":
+            if self.queues is None or not self.queues.has_queue(target):
+                raise CtiError(UNKNOWN_QUEUE, f"no queue {target!r}")
+        elif kind in ("user", "external"):
+            routed = self.router.route(target, caller=far.from_)
+            if isinstance(routed, actions.Dial):
+                dial = routed
+            elif isinstance(routed, actions.Queue):
+                kind, target = "queue", routed.queue
+            else:
+                raise CtiError(NOT_SUPPORTED, f"{target!r} does not route to a user or a queue")
+            if dial is not None and (dial.target not in self.users or not self.has_binding(dial.target)):
+                raise CtiError(DEVICE_UNAVAILABLE, f"{dial.target} is not registered")
+        else:
+            raise CtiError(NOT_SUPPORTED, f"transfer to {kind} is not carried out by this node yet")
+        transfer_id = "TR" + secrets.token_hex(8)
+        fields: dict[str, Any] = {
+            "conversation_id": conv.id, "transfer_id": transfer_id, "flow": "blind",
+            "transferred_call": far.id, "initiator_call": leg.id,
+            "target": {"kind": request.target_kind, "id": request.target_id},
+        }  # fmt: skip
+        self.bus.publish(TransferInitiated(**fields, recipient_call=None))
+        log.info("blind transfer", transfer_id=transfer_id, kind=kind, target=target)
+        # The agent leaves: split, then release its leg (its call ends: wrap-up); the far party stays.
+        await self._send(leg.worker_id, Unbridge(a=leg.id, b=far.id))
+        leg.peer = far.peer = None
+        leg.final_status, leg.released_by = "completed", "local"
+        await self._send(leg.worker_id, Hangup(leg=leg.id))
+        conv.a_leg = far.id
+        before = set(conv.legs)
+        if dial is not None:
+            await self._dial(conv, far, dial, role="callee")
+        else:
+            await self._enqueue(conv, far, target)
+        recipient = next((i for i in conv.legs if i not in before), None)
+        self.bus.publish(TransferCompleted(**fields, recipient_call=recipient))
+        return {"transfer_id": transfer_id, "recipient_call": recipient}
 
     async def _hold(self, leg: Leg, far: Leg, *, hold: bool) -> dict[str, Any]:
         """Hold: the far end is split from `leg` and hears music on hold; retrieve joins them again."""

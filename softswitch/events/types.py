@@ -200,6 +200,42 @@ class CallEnded(CallEvent):
     hold_s: float = 0.0
 
 
+TRANSFER_FLOWS: Final = ("blind", "attended")
+
+
+@dataclass(frozen=True, slots=True)
+class TransferEvent(Event):
+    """A transfer of `transferred_call` by `initiator_call` to `target` (EVENTS.md `transfer.*`)."""
+
+    subject_kind: ClassVar[str] = "conversation"
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {"flow": TRANSFER_FLOWS}
+    conversation_id: str
+    transfer_id: str
+    flow: str
+    transferred_call: str
+    initiator_call: str
+    recipient_call: str | None
+    target: dict[str, str]
+
+    @property
+    def subject(self) -> str:
+        return self.conversation_id
+
+
+@dataclass(frozen=True, slots=True)
+class TransferInitiated(TransferEvent):
+    """A transfer was asked for."""
+
+    type: ClassVar[str] = "transfer.initiated"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferCompleted(TransferEvent):
+    """The initiator is out of the call and the transferred party is on its way to the target (blind)."""
+
+    type: ClassVar[str] = "transfer.completed"
+
+
 @dataclass(frozen=True, slots=True)
 class ConversationEnded(Event):
     """Every leg of a conversation has ended; its CDR is complete after this (EVENTS.md)."""

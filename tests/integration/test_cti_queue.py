@@ -50,6 +50,7 @@ SIPP_TIMEOUT_S = 40.0
 UAS_STARTUP_S = 0.3
 EVENTS_TIMEOUT_S = 20.0
 HOLD_MS = 3000  # the customer's whole call: waiting, then talking to the agent
+TRANSFER_HOLD_MS = 5000  # long enough for the agent to answer and transfer, and the target to answer
 
 
 def _phone(sipp: Sipp, node: RunningSoftswitch, user: str, scenario: str) -> SippProcess:
@@ -299,3 +300,46 @@ async def test_an_agent_originates_a_call_to_a_customer(tmp_path: Path, sipp: Si
     assert [s for s, _ in _states(events, "8001")][-3:] == ["busy", "wrap_up", "ready"], _states(
         events, "8001"
     )
+
+
+@pytest.mark.timeout(150)
+async def test_an_agent_blind_transfers_the_customer_to_a_user(tmp_path: Path, sipp: Sipp) -> None:
+    """call.transfer (blind): the agent leaves and wraps up; the customer is bridged with user 1004."""
+    with running_softswitch(tmp_path / "node", AGENTS_TOML) as node:
+        assert node.mqtt_port is not None
+        async with (
+            collecting(node.mqtt_port, f"{PREFIX}/#") as collector,
+            commander(node.mqtt_port, v5=False) as app,
+        ):
+            agent_phone = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_answer_hold")
+            target_phone = await asyncio.to_thread(_phone, sipp, node, "1004", "uas_answer_hold")
+            await _login(app, "8001")
+            await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
+            customer = await asyncio.to_thread(_customer, sipp, node, TRANSFER_HOLD_MS)
+            await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
+            to_1003 = {"agent_id": "8001", "target": {"kind": "user", "id": "1003"}}
+            nowhere = await app.call("call.transfer", to_1003)
+            assert (nowhere["ok"], nowhere["code"]) == (False, "device_unavailable"), (
+                nowhere
+            )  # not registered
+            to_1004 = {"agent_id": "8001", "target": {"kind": "user", "id": "1004"}}
+            moved = await app.call("call.transfer", to_1004)
+            assert moved["ok"], moved
+            called = await asyncio.to_thread(customer.wait)
+            answered = [await asyncio.to_thread(p.wait) for p in (agent_phone, target_phone)]
+            assert called.ok, called.describe()
+            assert all(r.ok and r.successful == 1 for r in answered), [r.describe() for r in answered]
+            events = await _until(collector.events, lambda ev: any(e["type"] == "cdr.created" for e in ev))
+            events = await _until(collector.events, _settled("8001", "ready", "wrap_up"))
+
+    assert_valid_and_gap_free(events)
+    types = [e["type"] for e in events]
+    assert "transfer.initiated" in types and "transfer.completed" in types, types
+    (done,) = [e["data"] for e in events if e["type"] == "transfer.completed"]
+    assert done["flow"] == "blind" and done["target"] == {"kind": "user", "id": "1004"}, done
+    bridged = [
+        (e["data"]["call_id"], e["data"]["peer_call_id"]) for e in events if e["type"] == "call.bridged"
+    ]
+    assert (done["transferred_call"], done["recipient_call"]) in bridged, bridged  # customer ↔ 1004
+    (cdr,) = [e["data"]["cdr"] for e in events if e["type"] == "cdr.created"]
+    assert sorted(leg["role"] for leg in cdr["legs"]) == ["agent", "callee", "caller"], cdr

@@ -52,6 +52,8 @@ from softswitch.events.types import (
     DeviceUnregistered,
     Event,
     QueueStats,
+    TransferCompleted,
+    TransferInitiated,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -85,6 +87,8 @@ def sample_events() -> list[Event]:
         CallUnbridged(**{**LEG, "user_data": "order-42"}, peer_call_id="CA02"),
         CallDtmf(**LEG, digit="5", duration_ms=160, method="info"),
         CallHeld(**LEG, by="api"),
+        TransferInitiated("CV8d0c", "TR1", "blind", "CA01", "CA02", None, {"kind": "queue", "id": "support"}),
+        TransferCompleted("CV8d0c", "TR1", "blind", "CA01", "CA02", "CA03", {"kind": "user", "id": "1004"}),
         CallRetrieved(**LEG, by="remote"),
         CallEnded(
             **LEG,
