@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from softswitch.calls.control import CallControl, caller_response, final_status
+from softswitch.cti.agents import Device
+from softswitch.cti.core import ConnectCaller, OfferCall
 from softswitch.dialplan import actions
 from softswitch.events.bus import EventBus
 from softswitch.events.types import CallDtmf, CallEnded, ConversationEnded, Event
@@ -361,3 +363,119 @@ def test_prompt_set_resolves_languages_and_operator_recordings(tmp_path: Path) -
         mine.digits("12a")
     with pytest.raises(ValueError, match="language"):
         PromptSet("fr")
+
+
+# -- ACD queue calls: what call control does with the CTI layer's actions, and what it reports ------
+
+
+class RecordingQueues:
+    """The CTI layer as call control sees it: every report recorded (its decisions are tested in
+    tests/unit/test_cti_*.py; here the test plays them as actions)."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[str, ...]] = []
+
+    def has_queue(self, queue_id: str) -> bool:
+        return queue_id == "support"
+
+    def caller_queued(
+        self, queue_id: str, conversation_id: str, call_id: str, sip_call_id: str, from_: str, to: str
+    ) -> None:
+        self.reports.append(("queued", queue_id, call_id, from_, to))
+
+    def caller_gone(self, conversation_id: str) -> None:
+        self.reports.append(("gone",))
+
+    def offer_ringing(self, agent_id: str, conversation_id: str) -> None:
+        self.reports.append(("ringing", agent_id))
+
+    def offer_answered(self, agent_id: str, conversation_id: str) -> None:
+        self.reports.append(("answered", agent_id))
+
+    def offer_failed(self, agent_id: str, conversation_id: str) -> None:
+        self.reports.append(("failed", agent_id))
+
+    def agent_call_started(self, agent_id: str, conversation_id: str) -> None:
+        self.reports.append(("started", agent_id))
+
+    def agent_call_ended(self, agent_id: str, conversation_id: str, talk_s: float) -> None:
+        self.reports.append(("ended", agent_id))
+
+
+async def _queued(f: Fixture) -> tuple[RecordingQueues, str]:
+    queues = RecordingQueues()
+    f.control.queues = queues
+    await f.incoming("8000")
+    answer, music = f.media.take()
+    assert answer == Answer(leg="w1-1", code=200)
+    assert isinstance(music, Play) and music.loop and _names(music) == ["music_on_hold"]
+    assert queues.reports == [("queued", "support", "w1-1", "1001", "8000")]
+    [conversation] = f.control.conversations
+    return queues, conversation
+
+
+def _offer(conversation: str, agent: str = "8001", address: str = "1002") -> OfferCall:
+    return OfferCall(agent, conversation, "support", Device("sip", address), False, "1001", None)
+
+
+async def test_a_queue_call_is_offered_connected_and_ended() -> None:
+    f = Fixture()
+    queues, conversation = await _queued(f)
+    await f.state("w1-1", "confirmed", 200)
+    f.control.carry_out(_offer(conversation))
+    await f.settle()
+    [originate] = f.media.take()
+    assert isinstance(originate, Originate) and originate.uri == "sip:1002@127.0.0.1"
+    agent_leg = originate.leg
+    await f.state(agent_leg, "ringing", 180)
+    await f.state(agent_leg, "confirmed", 200)
+    assert queues.reports[1:] == [("ringing", "8001"), ("answered", "8001")]
+    assert f.media.take() == []  # nothing is bridged before the CTI layer says so
+    f.control.carry_out(ConnectCaller("8001", conversation, "support"))
+    await f.settle()
+    assert f.media.take() == [StopPlay(leg="w1-1"), Bridge(a="w1-1", b=agent_leg)]
+    await f.state("w1-1", "disconnected", 200, by="remote")  # the customer hangs up
+    assert f.media.take() == [Hangup(leg=agent_leg)]
+    await f.state(agent_leg, "disconnected", 200, by="local")
+    assert queues.reports[-1] == ("ended", "8001")
+    roles = {e.call_id: e.role for e in f.events if isinstance(e, CallEnded)}
+    assert roles == {"w1-1": "caller", agent_leg: "agent"}
+    assert f.types()[-1] == "conversation.ended"
+
+
+async def test_a_rejected_offer_is_reported_and_the_caller_waits_on() -> None:
+    f = Fixture()
+    queues, conversation = await _queued(f)
+    f.control.carry_out(_offer(conversation))
+    await f.settle()
+    [originate] = f.media.take()
+    assert isinstance(originate, Originate)
+    await f.state(originate.leg, "disconnected", 486, "Busy Here", by="remote")
+    assert queues.reports[-1] == ("failed", "8001")
+    assert f.media.take() == []  # the caller is not touched: still hearing music, still queued
+    assert conversation in f.control.conversations
+
+
+async def test_an_abandoning_caller_withdraws_the_ringing_offer() -> None:
+    f = Fixture()
+    queues, conversation = await _queued(f)
+    f.control.carry_out(_offer(conversation))
+    await f.settle()
+    [originate] = f.media.take()
+    assert isinstance(originate, Originate)
+    await f.state(originate.leg, "ringing", 180)
+    await f.state("w1-1", "disconnected", 200, by="remote")
+    assert ("gone",) in queues.reports
+    assert f.media.take() == [Hangup(leg=originate.leg)]  # CANCEL of the offer
+    await f.state(originate.leg, "disconnected", 487, by="local")
+    assert ("failed", "8001") not in queues.reports  # withdrawn, not missed
+    assert f.types()[-1] == "conversation.ended"
+
+
+async def test_an_offer_to_a_phone_that_is_not_registered_fails_at_once() -> None:
+    f = Fixture()
+    queues, conversation = await _queued(f)
+    f.control.carry_out(_offer(conversation, address="1003"))  # 1003 has no binding
+    await f.settle()
+    assert f.media.take() == []
+    assert queues.reports[-1] == ("failed", "8001")
