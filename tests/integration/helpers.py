@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from softswitch.config import DEMO_CONFIG_TOML, env_override_key
-from tests.integration.peers import free_port, release_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SOFTSWITCH_EXE = REPO_ROOT / ".venv" / "bin" / "softswitch"
@@ -37,8 +36,6 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 #: Lines of the node's log quoted in failure messages.
 LOG_TAIL_LINES = 60
-#: RTP ports of a test node's media worker: 512 legs, far more than any test holds.
-NODE_RTP_SPAN = 1024
 
 
 @dataclass
@@ -110,10 +107,6 @@ def node_config(tmp_path: Path, extra_toml: str = "") -> dict[str, Any]:
     config["http"]["listen"] = "127.0.0.1:0"
     config["mqtt"]["url"] = "embedded://127.0.0.1:0"
     config["media"]["workers"] = 1
-    # A private RTP range: nodes of other tests (or of another suite on the machine) probing their
-    # capacity hold hundreds of ports of the default range at once.
-    rtp_low = free_port(span=NODE_RTP_SPAN, udp=True, tcp=False)
-    config["media"]["rtp_ports"] = f"{rtp_low}-{rtp_low + NODE_RTP_SPAN - 1}"
     config["log"] = {"level": "info", "format": "json"}
     config.pop("store", None)  # derived from data_dir
     if extra_toml:
@@ -138,19 +131,15 @@ def running_softswitch(
     config_path = tmp_path / "softswitch.toml"
     config = node_config(tmp_path, extra_toml)
     config_path.write_text(to_toml(config), encoding="utf-8")
-    try:
-        with launch_softswitch(
-            ["serve", "--config", str(config_path)],
-            data_dir=Path(config["data_dir"]),
-            log_path=tmp_path / "softswitch.log",
-            config_path=config_path,
-            start_timeout_s=start_timeout_s,
-            stop_timeout_s=stop_timeout_s,
-        ) as node:
-            yield node
-    finally:
-        low, high = (int(p) for p in config["media"]["rtp_ports"].split("-"))
-        release_ports(low, high - low + 1)  # the node and its workers are gone: the next test's
+    with launch_softswitch(
+        ["serve", "--config", str(config_path)],
+        data_dir=Path(config["data_dir"]),
+        log_path=tmp_path / "softswitch.log",
+        config_path=config_path,
+        start_timeout_s=start_timeout_s,
+        stop_timeout_s=stop_timeout_s,
+    ) as node:
+        yield node
 
 
 @contextlib.contextmanager

@@ -94,12 +94,6 @@ def free_port(*, span: int = 1, udp: bool = True, tcp: bool = True, step: int = 
     raise PeerError(f"no free loopback port range of {span} found")
 
 
-def release_ports(base: int, span: int = 1, step: int = 1) -> None:
-    """Make ports handed out by :func:`free_port` available again (their user is gone)."""
-    with _handed_out_lock:
-        _handed_out.difference_update(base + i * step for i in range(span))
-
-
 def require_binary(name: str) -> str:
     """Absolute path of a peer binary, or PeerError telling how to install it."""
     path = shutil.which(name)
