@@ -20,6 +20,7 @@ import structlog
 from fastapi import FastAPI
 
 from softswitch import __version__
+from softswitch.api.agent_ws import AgentEventHub, add_agent_websocket
 from softswitch.api.cti_rest import add_cti_routes
 from softswitch.api.http import HttpServer, build_http_app
 from softswitch.api.mqtt_commands import MqttCommandServer
@@ -168,6 +169,9 @@ class Node:
             await commands.start()
             self._stack.push_async_callback(commands.stop)
             add_cti_routes(self.http_app, config, cti.command)
+            agent_events = AgentEventHub(config)
+            sink.envelope_listeners.append(agent_events.on_envelope)
+            add_agent_websocket(self.http_app, config, agent_events, cti.command)
 
             def publish_ports(http_port: int) -> None:
                 self.ports = Ports(sip=edge.port, http=http_port, mqtt=mqtt_port)

@@ -190,6 +190,8 @@ class MqttSink:
         self._dropped_subjects: set[str] = set()
         self._acked: list[int] = []
         self._ack_flush: asyncio.TimerHandle | None = None
+        #: Called with each event and the envelope it is published in (same `id` and `seq` as on MQTT).
+        self.envelope_listeners: list[Callable[[Event, dict[str, Any]], None]] = []
         self._full = False
         self._connected = False
         self._stopping = False
@@ -230,6 +232,11 @@ class MqttSink:
         room = self.queued < self.outbox_limit
         if room:
             envelope = build_envelope(event, node=self.node, tenant=self.tenant, seq=seq, now=now)
+            for listener in self.envelope_listeners:  # e.g. the WebSocket agent API: the same envelopes
+                try:
+                    listener(event, envelope)
+                except Exception:
+                    log.exception("envelope listener failed", event_type=event.type)
             topic = event_topic(self.prefix, self.tenant, event)
             payload = _dumps(envelope)
             messages.append(OutboxMessage(key, event.type, topic, payload, False, now))
