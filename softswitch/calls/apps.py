@@ -81,6 +81,19 @@ class LegChannel:
                 self._pending_digits.append(event.digit)
                 return event.digit
 
+    async def key(self, timeout_s: float) -> str:
+        """One key: one pressed during the last prompt (barge-in), or the next within `timeout_s`; "" if
+        none came."""
+        if self._pending_digits:
+            first, self._pending_digits = self._pending_digits[0], []
+            return first
+        deadline = self._clock() + timeout_s
+        while (remaining := deadline - self._clock()) > 0:
+            event = await self._next(remaining)
+            if isinstance(event, LegDtmf):
+                return event.digit
+        return ""
+
     async def collect(
         self,
         *,
@@ -119,3 +132,28 @@ async def playback(channel: LegChannel, action: actions.Playback, prompts: Promp
         else:
             files = [prompts.path("no_digits")]
         await channel.play([*files, prompts.path("goodbye")])
+
+
+async def ivr(
+    channel: LegChannel,
+    menu: actions.IvrMenu,
+    prompts: PromptSet,
+    *,
+    number: str,
+    caller: str,
+    answered: bool = False,
+) -> actions.Action | None:
+    """`ivr`: answer, play the menu's prompt (a key stops it), wait `timeout_s` for one key; a key with an
+    option gives its action; no key or a wrong one plays the prompt again (a wrong key first hears
+    `invalid_choice`), up to `max_attempts` in all; then the `fallback` (None: hang up)."""
+    if not answered:
+        await channel.answer()
+    for _ in range(menu.max_attempts):
+        await channel.play([prompts.path(menu.prompt)], barge_in=True)
+        digit = await channel.key(menu.timeout_s)
+        chosen = menu.choose(digit, number=number, caller=caller) if digit else None
+        if chosen is not None:
+            return chosen
+        if digit:
+            await channel.play([prompts.path("invalid_choice")])
+    return menu.fallback_action(number=number, caller=caller)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from softswitch.calls.apps import LegChannel, LegGone, playback
+from softswitch.calls.apps import LegChannel, LegGone, ivr, playback
 from softswitch.calls.models import (
     Conversation,
     ConversationState,
@@ -132,6 +132,9 @@ class QueueService(Protocol):
 
 
 class Router(Protocol):
+    @property
+    def menus(self) -> Mapping[str, actions.IvrMenu]: ...
+
     def route(self, number: str, *, caller: str = "") -> actions.Action | None: ...
 
 
@@ -304,6 +307,10 @@ class CallControl:
 
     async def _route(self, conv: Conversation, a: Leg, number: str) -> None:
         action = self.router.route(number, caller=a.from_) if number else None
+        await self._act(conv, a, action)
+
+    async def _act(self, conv: Conversation, a: Leg, action: actions.Action | None) -> None:
+        """Carry out a dialplan action for the leg `a` (a route's, or an IVR option's)."""
         if action is None:
             await self._reject(a, 404, "Not Found")
         elif isinstance(action, actions.Hangup):
@@ -311,7 +318,7 @@ class CallControl:
         elif isinstance(action, actions.Dial):
             await self._dial(conv, a, action)
         elif isinstance(action, actions.Echo):
-            if await self._send(a.worker_id, Answer(leg=a.id, code=200)):
+            if a.answered_at is not None or await self._send(a.worker_id, Answer(leg=a.id, code=200)):
                 await self._send(a.worker_id, Echo(leg=a.id))
         elif isinstance(action, actions.Queue):
             await self._enqueue(conv, a, action.queue)
@@ -325,6 +332,13 @@ class CallControl:
             # Outside the conversation lock: the application waits for the caller, and the leg's state
             # changes (a hang-up above all) must be processed meanwhile.
             self._spawn(self._run_playback(conv, a, action))
+        elif isinstance(action, actions.Ivr):
+            menu = self.router.menus.get(action.menu)
+            if menu is None:
+                log.error("dialplan names an IVR menu it does not define", menu=action.menu)
+                await self._reject(a, 500, "Menu Not Available")
+                return
+            self._spawn(self._run_ivr(conv, a, menu))
         else:
             log.info("dialplan action not available", action=type(action).__name__)
             await self._reject(a, 501, "Not Implemented")
@@ -615,6 +629,32 @@ class CallControl:
     def _agent_leg(conv: Conversation, agent_id: str) -> Leg | None:
         live = [leg for leg in conv.legs.values() if leg.agent_id == agent_id]
         return live[-1] if live else None
+
+    async def _run_ivr(self, conv: Conversation, leg: Leg, menu: actions.IvrMenu) -> None:
+        channel = LegChannel(leg.id, lambda cmd: self._command(leg.worker_id, cmd))
+        self._channels[leg.id] = channel
+        with structlog.contextvars.bound_contextvars(conversation_id=conv.id, call_id=leg.id):
+            try:
+                chosen = await ivr(
+                    channel, menu, self.prompts, number=conv.callee, caller=leg.from_,
+                    answered=leg.answered_at is not None,
+                )  # fmt: skip
+            except LegGone:
+                return
+            except PromptError as exc:
+                log.error("prompt missing in an IVR menu", menu=menu.name, error=str(exc))
+                chosen = None
+            finally:
+                self._channels.pop(leg.id, None)
+            async with self._lock(conv.id):
+                if leg.ended or leg.final_status:
+                    return
+                log.info("IVR option chosen", menu=menu.name, action=type(chosen).__name__)
+                if chosen is None:  # no valid key in every attempt, and no fallback: goodbye
+                    leg.final_status, leg.released_by, leg.sip_code = "completed", "local", 200
+                    await self._send(leg.worker_id, Hangup(leg=leg.id))
+                    return
+                await self._act(conv, leg, chosen)
 
     async def _run_playback(self, conv: Conversation, leg: Leg, action: actions.Playback) -> None:
         channel = LegChannel(leg.id, lambda cmd: self._command(leg.worker_id, cmd))

@@ -48,8 +48,8 @@ wrap_up_s = {WRAP_UP_S}
 """
 SIPP_TIMEOUT_S = 40.0
 UAS_STARTUP_S = 0.3
-EVENTS_TIMEOUT_S = 20.0
 HOLD_MS = 3000  # the customer's whole call: waiting, then talking to the agent
+IVR_LISTEN_MS = 1500  # the caller hears part of the menu prompt, then presses 1
 TRANSFER_HOLD_MS = 5000  # long enough for the agent to answer and transfer, and the target to answer
 
 
@@ -73,18 +73,6 @@ def _customer(sipp: Sipp, node: RunningSoftswitch, hold_ms: int = HOLD_MS) -> Si
         timeout_s=SIPP_TIMEOUT_S, sets={"expected": "200", "alternative": "none", "hangup": "local"},
         extra_args=["-s", QUEUE_NUMBER, "-d", str(hold_ms)],
     )  # fmt: skip
-
-
-async def _until(
-    events: Callable[[], list[dict[str, Any]]], done: Callable[[list[dict[str, Any]]], bool]
-) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + EVENTS_TIMEOUT_S
-    while True:
-        current = events()
-        if done(current):
-            return current
-        assert time.monotonic() < deadline, [(e["type"], e["data"].get("state")) for e in current]
-        await asyncio.sleep(0.05)
 
 
 def _states(events: list[dict[str, Any]], agent: str) -> list[tuple[str, str | None]]:
@@ -122,14 +110,14 @@ async def test_a_queue_call_is_answered_by_an_agent(tmp_path: Path, sipp: Sipp) 
         ):
             phone = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_answer_hold")
             await _login(app, "8001")
-            await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
+            await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
             customer = await asyncio.to_thread(_customer, sipp, node)
             called = await asyncio.to_thread(customer.wait)
             answered = await asyncio.to_thread(phone.wait)
             assert called.ok and called.successful == 1, called.describe()
             assert answered.ok and answered.successful == 1, answered.describe()
-            events = await _until(collector.events, _settled("8001", "ready", "wrap_up"))
-            events = await _until(collector.events, lambda ev: any(e["type"] == "cdr.created" for e in ev))
+            events = await collector.until(_settled("8001", "ready", "wrap_up"))
+            events = await collector.until(lambda ev: any(e["type"] == "cdr.created" for e in ev))
 
     assert_valid_and_gap_free(events)
     assert [s for s, _ in _states(events, "8001")] == [
@@ -162,7 +150,7 @@ async def test_an_unanswered_offer_moves_to_the_next_agent(tmp_path: Path, sipp:
             busy_phone = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_busy")
             phone = await asyncio.to_thread(_phone, sipp, node, "1002", "uas_answer_hold")
             await _login(app, "8001", "8002")
-            await _until(collector.events, lambda ev: _states(ev, "8002")[-1:] == [("ready", None)])
+            await collector.until(lambda ev: _states(ev, "8002")[-1:] == [("ready", None)])
             customer = await asyncio.to_thread(_customer, sipp, node)
             called = await asyncio.to_thread(customer.wait)
             rejected = await asyncio.to_thread(busy_phone.wait)
@@ -170,7 +158,7 @@ async def test_an_unanswered_offer_moves_to_the_next_agent(tmp_path: Path, sipp:
             assert called.ok and rejected.ok and answered.ok, (
                 called.describe() + rejected.describe() + answered.describe()
             )
-            events = await _until(collector.events, _settled("8002", "ready", "wrap_up"))
+            events = await collector.until(_settled("8002", "ready", "wrap_up"))
 
     assert_valid_and_gap_free(events)
     assert _states(events, "8001")[-1] == ("not_ready", "no_answer"), _states(events, "8001")
@@ -191,11 +179,11 @@ async def test_a_caller_who_hangs_up_while_the_agent_rings_abandons(tmp_path: Pa
         ):
             ringing = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_no_answer")
             await _login(app, "8001")
-            await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
+            await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
             customer = await asyncio.to_thread(_customer, sipp, node, 1500)
             called = await asyncio.to_thread(customer.wait)
             assert called.ok, called.describe()
-            events = await _until(collector.events, _settled("8001", "ready", "ringing"))
+            events = await collector.until(_settled("8001", "ready", "ringing"))
             ringing.stop()
 
     states = [s for s, _ in _states(events, "8001")]
@@ -222,7 +210,7 @@ async def test_the_agent_holds_retrieves_keys_and_hangs_up_by_command(tmp_path: 
         ):
             phone = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_answer_hold")
             await _login(app, "8001")
-            await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
+            await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
             customer = await asyncio.to_thread(
                 lambda: sipp.start(
                     "uac_expect_status", node.sip_port, users=[(CUSTOMER, DEMO_PASSWORDS[CUSTOMER])],
@@ -232,7 +220,7 @@ async def test_the_agent_holds_retrieves_keys_and_hangs_up_by_command(tmp_path: 
                 )
             )  # fmt: skip
             try:
-                await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
+                await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\n{customer.stop().describe()}\n{node.log_tail()}") from None
 
@@ -248,7 +236,7 @@ async def test_the_agent_holds_retrieves_keys_and_hangs_up_by_command(tmp_path: 
             called = await asyncio.to_thread(customer.wait)  # the customer got the BYE and answered it
             answered = await asyncio.to_thread(phone.wait)
             assert called.ok and answered.ok, called.describe() + answered.describe()
-            events = await _until(collector.events, _settled("8001", "ready", "wrap_up"))
+            events = await collector.until(_settled("8001", "ready", "wrap_up"))
             none_left = await app.call("call.hangup", agent)
 
     assert (none_left["ok"], none_left["code"]) == (False, "no_active_call"), none_left
@@ -276,12 +264,11 @@ async def test_an_agent_originates_a_call_to_a_customer(tmp_path: Path, sipp: Si
             agent_phone = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_answer_hold")
             customer_phone = await asyncio.to_thread(_phone, sipp, node, "1002", "uas_answer_hold")
             await _login(app, "8001")
-            await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
+            await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
             started = await app.call("call.originate", {"agent_id": "8001", "to": "1002"})
             assert started["ok"], started
             conversation = started["data"]["conversation_id"]
-            await _until(
-                collector.events,
+            await collector.until(
                 lambda ev: sum(e["type"] == "call.bridged" and e["subject"] == conversation for e in ev) == 2,
             )
             unknown = await app.call("call.originate", {"agent_id": "8001", "to": "1002"})
@@ -289,7 +276,7 @@ async def test_an_agent_originates_a_call_to_a_customer(tmp_path: Path, sipp: Si
             assert (await app.call("call.hangup", {"agent_id": "8001"}))["ok"]
             answered = [await asyncio.to_thread(p.wait) for p in (agent_phone, customer_phone)]
             assert all(r.ok and r.successful == 1 for r in answered), [r.describe() for r in answered]
-            events = await _until(collector.events, _settled("8001", "ready", "wrap_up"))
+            events = await collector.until(_settled("8001", "ready", "wrap_up"))
 
     assert_valid_and_gap_free(events)
     call_events = [e for e in events if e["subject"] == conversation and e["type"].startswith("call.")]
@@ -314,9 +301,9 @@ async def test_an_agent_blind_transfers_the_customer_to_a_user(tmp_path: Path, s
             agent_phone = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_answer_hold")
             target_phone = await asyncio.to_thread(_phone, sipp, node, "1004", "uas_answer_hold")
             await _login(app, "8001")
-            await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
+            await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
             customer = await asyncio.to_thread(_customer, sipp, node, TRANSFER_HOLD_MS)
-            await _until(collector.events, lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
+            await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
             to_1003 = {"agent_id": "8001", "target": {"kind": "user", "id": "1003"}}
             nowhere = await app.call("call.transfer", to_1003)
             assert (nowhere["ok"], nowhere["code"]) == (False, "device_unavailable"), (
@@ -329,8 +316,8 @@ async def test_an_agent_blind_transfers_the_customer_to_a_user(tmp_path: Path, s
             answered = [await asyncio.to_thread(p.wait) for p in (agent_phone, target_phone)]
             assert called.ok, called.describe()
             assert all(r.ok and r.successful == 1 for r in answered), [r.describe() for r in answered]
-            events = await _until(collector.events, lambda ev: any(e["type"] == "cdr.created" for e in ev))
-            events = await _until(collector.events, _settled("8001", "ready", "wrap_up"))
+            events = await collector.until(lambda ev: any(e["type"] == "cdr.created" for e in ev))
+            events = await collector.until(_settled("8001", "ready", "wrap_up"))
 
     assert_valid_and_gap_free(events)
     types = [e["type"] for e in events]
@@ -343,3 +330,39 @@ async def test_an_agent_blind_transfers_the_customer_to_a_user(tmp_path: Path, s
     assert (done["transferred_call"], done["recipient_call"]) in bridged, bridged  # customer ↔ 1004
     (cdr,) = [e["data"]["cdr"] for e in events if e["type"] == "cdr.created"]
     assert sorted(leg["role"] for leg in cdr["legs"]) == ["agent", "callee", "caller"], cdr
+
+
+@pytest.mark.timeout(150)
+async def test_the_ivr_sends_key_1_to_the_support_queue(tmp_path: Path, sipp: Sipp) -> None:
+    """7000, the demo IVR: the menu prompt plays, the caller presses 1 (RFC 4733), the call goes to the
+    support queue and an agent's phone takes it."""
+    with running_softswitch(tmp_path / "node", AGENTS_TOML) as node:
+        assert node.mqtt_port is not None
+        async with (
+            collecting(node.mqtt_port, f"{PREFIX}/#") as collector,
+            commander(node.mqtt_port, v5=False) as app,
+        ):
+            phone = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_answer_hold")
+            await _login(app, "8001")
+            await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
+            caller = await asyncio.to_thread(
+                lambda: sipp.start(
+                    "uac_ivr_key1", node.sip_port, users=[(CUSTOMER, DEMO_PASSWORDS[CUSTOMER])], calls=1,
+                    timeout_s=SIPP_TIMEOUT_S, extra_args=["-s", "7000", "-d", str(IVR_LISTEN_MS)],
+                )
+            )  # fmt: skip
+            await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
+            assert (await app.call("call.hangup", {"agent_id": "8001"}))["ok"]
+            called = await asyncio.to_thread(caller.wait)
+            answered = await asyncio.to_thread(phone.wait)
+            assert called.ok and answered.ok, called.describe() + answered.describe()
+            events = await collector.until(lambda ev: any(e["type"] == "cdr.created" for e in ev))
+
+    assert_valid_and_gap_free(events)
+    (queued,) = [e for e in events if e["type"] == "call.queued"]
+    conversation = queued["subject"]
+    mine = [e for e in events if e["subject"] == conversation]
+    keys = [e["data"]["digit"] for e in mine if e["type"] == "call.dtmf"]
+    assert keys == ["1"], keys
+    types = [e["type"] for e in mine]
+    assert types.index("call.dtmf") < types.index("call.queued") < types.index("call.bridged"), types

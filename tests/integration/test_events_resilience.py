@@ -38,7 +38,6 @@ __all__ = ["mosquitto"]  # the fixture, re-used
 SIPP_TIMEOUT_S = 40.0
 UAS_STARTUP_S = 0.3
 HOLD_MS = 4000  # long enough to stop the broker (or kill the node) while the call is up
-EVENTS_TIMEOUT_S = 30.0
 SHORT_EXPIRES_S = 6  # a registration that runs out while the node is stopped
 
 
@@ -66,18 +65,6 @@ def _start_call(sipp: Sipp, node: RunningSoftswitch, callee_port: int) -> tuple[
     return caller, callee
 
 
-async def _until(
-    events: Callable[[], list[dict[str, Any]]], done: Callable[[list[dict[str, Any]]], bool]
-) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + EVENTS_TIMEOUT_S
-    while True:
-        current = events()
-        if done(current):
-            return current
-        assert time.monotonic() < deadline, [e["type"] for e in current]
-        await asyncio.sleep(0.05)
-
-
 def _count(kind: str, n: int) -> Callable[[list[dict[str, Any]]], bool]:
     return lambda events: sum(e["type"] == kind for e in events) >= n
 
@@ -93,14 +80,14 @@ async def test_broker_restart_mid_call_loses_no_event(
             caller, callee = await asyncio.to_thread(_start_call, sipp, node, callee_port)
             # Mosquitto may drop what it still holds for a connected subscriber when it stops: the outage
             # starts once the events so far have arrived.
-            await _until(collector.events, _count("call.bridged", 2))
+            await collector.until(_count("call.bridged", 2))
             mosquitto.stop()
             called = await asyncio.to_thread(caller.wait)
             answered = await asyncio.to_thread(callee.wait)
             assert called.ok and answered.ok, called.describe() + answered.describe()
             await asyncio.sleep(0.5)  # the call's last events are in the node's outbox now
             mosquitto.start()
-            events = await _until(collector.events, _count("cdr.created", 1))
+            events = await collector.until(_count("cdr.created", 1))
 
     assert_valid_and_gap_free(events)
     call_events = [e for e in events if e["type"].startswith(("call.", "conversation.", "cdr."))]
@@ -120,7 +107,7 @@ async def test_killed_node_closes_and_publishes_the_open_cdr_at_restart(
         with running_softswitch(tmp_path / "node", extra) as node:
             callee_port = await asyncio.to_thread(_register_callee, sipp, node)
             caller, callee = await asyncio.to_thread(_start_call, sipp, node, callee_port)
-            before = await _until(collector.events, _count("call.bridged", 2))
+            before = await collector.until(_count("call.bridged", 2))
             killed_at = time.time()
             node.kill()
         caller.stop()
@@ -128,7 +115,7 @@ async def test_killed_node_closes_and_publishes_the_open_cdr_at_restart(
         conversation = next(e["subject"] for e in before if e["type"] == "call.initiated")
 
         with running_softswitch(tmp_path / "node", extra) as restarted:
-            events = await _until(collector.events, _count("cdr.created", 1))
+            events = await collector.until(_count("cdr.created", 1))
             recovered = [
                 r for r in restarted.log_records() if r.get("event") == "closed a CDR left open by a crash"
             ]
@@ -175,7 +162,7 @@ async def test_a_registration_that_expired_while_the_node_was_down_is_unregister
 
     async with collecting(mosquitto.port, identifier="after-restart") as collector:
         with running_softswitch(tmp_path / "node", extra):
-            events = await _until(collector.events, _count("device.unregistered", 1))
+            events = await collector.until(_count("device.unregistered", 1))
             cleared = await retained_eventually(mosquitto.port, topic, lambda m: m is None)
     (gone,) = [e["data"] for e in events if e["type"] == "device.unregistered"]
     assert (gone["user"], gone["reason"]) == ("1002", "expired"), gone

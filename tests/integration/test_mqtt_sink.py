@@ -17,7 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ PREFIX = "softswitch/v1"
 ALL_TOPICS = f"{PREFIX}/#"
 #: Longest wait for a broker to listen, for messages to arrive, for an outbox to drain.
 WAIT_S = 20.0
+UNTIL_TIMEOUT_S = 30.0  # for the events of a few calls through a node to arrive
 #: Quiet period after which no further (unexpected) message is taken to be coming.
 QUIET_S = 0.5
 VALIDATORS = {name: jsonschema.Draft202012Validator(schema) for name, schema in all_schemas()}
@@ -176,6 +177,18 @@ class Collector:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{len(self.events())} of {count} events arrived")
             await asyncio.sleep(0.01)
+
+    async def until(
+        self, done: Callable[[list[dict[str, Any]]], bool], timeout: float = UNTIL_TIMEOUT_S
+    ) -> list[dict[str, Any]]:
+        """The events received once `done(events)` holds (bounded by `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            current = self.events()
+            if done(current):
+                return current
+            assert time.monotonic() < deadline, [(e["type"], e["data"].get("state")) for e in current]
+            await asyncio.sleep(0.05)
 
     def events(self) -> list[dict[str, Any]]:
         """Distinct CloudEvents received (first copy of each id: delivery is at least once)."""
