@@ -579,13 +579,24 @@ class QueueConfig(_Model):
     wrap_up_s: int | None = Field(default=None, ge=0)
     #: `service_level` in queue.stats counts the callers answered within this many seconds.
     service_level_s: int = Field(default=20, ge=1)
+    #: A key (0-9, *, #) a waiting caller presses to leave the queue; none: callers cannot leave by key.
+    exit_key: str | None = None
+    #: Where a caller who pressed `exit_key` goes (a number the dialplan routes); none: the call is ended.
+    exit_to: str | None = None
 
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str) -> str:
         return _check_topic_level(value)
 
-    @field_validator("overflow", "no_agents")
+    @field_validator("exit_key")
+    @classmethod
+    def _check_exit_key(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 1 or value not in "0123456789*#"):
+            raise ValueError(f"expected one key of 0-9, * or #, got {value!r}")
+        return value
+
+    @field_validator("overflow", "no_agents", "exit_to")
     @classmethod
     def _check_destination(cls, value: str | None) -> str | None:
         if value is not None and not _DESTINATION_RE.fullmatch(value):

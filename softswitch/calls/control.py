@@ -120,6 +120,11 @@ class QueueService(Protocol):
 
     def caller_gone(self, conversation_id: str) -> None: ...
 
+    def exit_of(self, queue_id: str) -> tuple[str | None, str | None]:
+        """The queue's (exit key, where a caller who presses it goes)."""
+
+    def caller_left(self, conversation_id: str) -> None: ...
+
     def offer_ringing(self, agent_id: str, conversation_id: str) -> None: ...
 
     def offer_answered(self, agent_id: str, conversation_id: str) -> None: ...
@@ -225,6 +230,9 @@ class CallControl:
                 CallDtmf, leg, digit=event.digit, duration_ms=event.duration_ms, method=event.method
             )
             self._to_channel(event.leg, event)
+            conv = self.conversations.get(leg.conversation_id)
+            if conv is not None and conv.queue_id is not None and leg.id == conv.a_leg:
+                self._spawn(self._queue_key(conv, leg, event.digit))
         elif isinstance(event, PlayerDone):
             self._to_channel(event.leg, event)
 
@@ -358,6 +366,27 @@ class CallControl:
         conv.queue_id = queue_id
         log.info("caller queued", queue=queue_id)
         self.queues.caller_queued(queue_id, conv.id, a.id, a.sip_call_id, a.from_, conv.callee)
+
+    async def _queue_key(self, conv: Conversation, caller: Leg, digit: str) -> None:
+        """A key from a waiting caller: the queue's exit key takes the caller out to `exit_to`."""
+        if self.queues is None:
+            return
+        async with self._lock(conv.id):
+            queue_id = conv.queue_id
+            if queue_id is None or caller.ended:
+                return
+            exit_key, exit_to = self.queues.exit_of(queue_id)
+            if digit != exit_key:
+                return
+            conv.queue_id = None
+            self.queues.caller_left(conv.id)  # the CTI layer withdraws its offers: call.dequeued "left"
+            await self._send(caller.worker_id, StopPlay(leg=caller.id))
+            log.info("caller left the queue by key", queue=queue_id, to=exit_to)
+            if exit_to is not None:
+                await self._route(conv, caller, exit_to)
+                return
+            caller.final_status, caller.released_by, caller.sip_code = "completed", "local", 200
+            await self._send(caller.worker_id, Hangup(leg=caller.id))
 
     def carry_out(self, action: CallAction) -> None:
         """A call action of the CTI layer (offer, withdraw, connect, route on), run in its own task."""

@@ -140,6 +140,13 @@ class CtiRuntime:
     def caller_gone(self, conversation_id: str) -> None:
         self._report("caller_abandoned", lambda now: self.core.caller_abandoned(conversation_id, now))
 
+    def exit_of(self, queue_id: str) -> tuple[str | None, str | None]:
+        config = self.core.queue(queue_id).config
+        return config.exit_key, config.exit_to
+
+    def caller_left(self, conversation_id: str) -> None:
+        self._report("caller_left", lambda now: self.core.caller_left(conversation_id, now))
+
     def offer_ringing(self, agent_id: str, conversation_id: str) -> None:
         self._report("offer_ringing", lambda now: self.core.offer_ringing(agent_id, conversation_id, now))
 

@@ -366,3 +366,28 @@ async def test_the_ivr_sends_key_1_to_the_support_queue(tmp_path: Path, sipp: Si
     assert keys == ["1"], keys
     types = [e["type"] for e in mine]
     assert types.index("call.dtmf") < types.index("call.queued") < types.index("call.bridged"), types
+
+
+@pytest.mark.timeout(120)
+async def test_a_waiting_caller_leaves_the_queue_by_key(tmp_path: Path, sipp: Sipp) -> None:
+    """The queue's exit key: the caller presses 1 while waiting (no agent logged in) and leaves the queue;
+    with no `exit_to` the node ends the call."""
+    extra = AGENTS_TOML + '\n[[queues]]\nid = "support"\nexit_key = "1"\n'
+    with running_softswitch(tmp_path / "node", extra) as node:
+        assert node.mqtt_port is not None
+        async with collecting(node.mqtt_port, f"{PREFIX}/#") as collector:
+            caller = await asyncio.to_thread(
+                lambda: sipp.start(
+                    "uac_ivr_key1", node.sip_port, users=[(CUSTOMER, DEMO_PASSWORDS[CUSTOMER])], calls=1,
+                    timeout_s=SIPP_TIMEOUT_S, extra_args=["-s", QUEUE_NUMBER, "-d", str(IVR_LISTEN_MS)],
+                )
+            )  # fmt: skip
+            called = await asyncio.to_thread(caller.wait)  # the node's BYE ends the scenario
+            assert called.ok and called.successful == 1, called.describe()
+            events = await collector.until(lambda ev: any(e["type"] == "cdr.created" for e in ev))
+
+    assert_valid_and_gap_free(events)
+    (dequeued,) = [e["data"] for e in events if e["type"] == "call.dequeued"]
+    assert dequeued["reason"] == "left", dequeued
+    (ended,) = [e["data"] for e in events if e["type"] == "call.ended"]
+    assert (ended["final_status"], ended["released_by"]) == ("completed", "local"), ended

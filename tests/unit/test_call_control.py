@@ -386,6 +386,12 @@ class RecordingQueues:
     def caller_gone(self, conversation_id: str) -> None:
         self.reports.append(("gone",))
 
+    def exit_of(self, queue_id: str) -> tuple[str | None, str | None]:
+        return "0", None
+
+    def caller_left(self, conversation_id: str) -> None:
+        self.reports.append(("left",))
+
     def offer_ringing(self, agent_id: str, conversation_id: str) -> None:
         self.reports.append(("ringing", agent_id))
 
@@ -479,3 +485,16 @@ async def test_an_offer_to_a_phone_that_is_not_registered_fails_at_once() -> Non
     await f.settle()
     assert f.media.take() == []
     assert queues.reports[-1] == ("failed", "8001")
+
+
+async def test_the_exit_key_takes_a_waiting_caller_out_of_the_queue() -> None:
+    f = Fixture()
+    queues, _ = await _queued(f)
+    await f.state("w1-1", "confirmed", 200)
+    f.media.emit(LegDtmf(leg="w1-1", digit="5", method="rfc4733"))  # not the exit key: nothing
+    await f.settle()
+    assert f.media.take() == [] and queues.reports[-1][0] == "queued"
+    f.media.emit(LegDtmf(leg="w1-1", digit="0", method="rfc4733"))
+    await f.settle()
+    assert queues.reports[-1] == ("left",)
+    assert f.media.take() == [StopPlay(leg="w1-1"), Hangup(leg="w1-1")]  # no exit_to: the call ends
