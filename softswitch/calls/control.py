@@ -862,8 +862,10 @@ class CallControl:
         if self.queues is not None and leg.agent_id is not None:
             if answered or leg.id == conv.a_leg:  # an originating agent's call ends even unanswered
                 self.queues.agent_call_ended(leg.agent_id, conv.id, leg.talk_seconds())
-            elif remote:
-                self.queues.offer_failed(leg.agent_id, conv.id)  # rejected, busy or unreachable
+            elif remote and leg.released_by != "system":
+                # Rejected, busy or unreachable: a missed offer. (A worker that died is no fault of the
+                # agent's: the caller's leg ends with it and the CTI layer withdraws the offer.)
+                self.queues.offer_failed(leg.agent_id, conv.id)
         if leg.agent_id is not None and leg.id != conv.a_leg and leg.peer is None:
             # An offer that ended (or an answer that came too late): the caller waits on for the next
             # one, or is with another agent; nothing else ends with it.

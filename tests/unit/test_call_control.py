@@ -498,3 +498,16 @@ async def test_the_exit_key_takes_a_waiting_caller_out_of_the_queue() -> None:
     await f.settle()
     assert queues.reports[-1] == ("left",)
     assert f.media.take() == [StopPlay(leg="w1-1"), Hangup(leg="w1-1")]  # no exit_to: the call ends
+
+
+async def test_a_worker_dying_under_a_ringing_offer_is_no_missed_offer() -> None:
+    f = Fixture()
+    queues, conversation = await _queued(f)
+    f.control.carry_out(_offer(conversation))
+    await f.settle()
+    [originate] = f.media.take()
+    assert isinstance(originate, Originate)
+    await f.state(originate.leg, "disconnected", 500, "media worker died", by="system")
+    await f.state("w1-1", "disconnected", 500, "media worker died", by="system")
+    assert ("failed", "8001") not in queues.reports  # the agent is not made not_ready for it
+    assert ("gone",) in queues.reports
