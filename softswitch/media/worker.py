@@ -635,7 +635,8 @@ class Worker:
         nat.sdpNatRewriteUse = 0
         # An answer listing several codecs is valid (RFC 3264 §6.1) and the first is used; pjsua would
         # otherwise re-INVITE the far end to narrow it to one: needless signalling and a glare risk.
-        cfg.mediaConfig.lockCodecEnabled = False
+        if hasattr(cfg.mediaConfig, "lockCodecEnabled"):  # every engine we know has it; be safe anyway
+            cfg.mediaConfig.lockCodecEnabled = False
         cfg.videoConfig.autoTransmitOutgoing = False
         cfg.videoConfig.autoShowIncoming = False
         return cfg
