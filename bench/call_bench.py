@@ -223,6 +223,23 @@ def start_baseline(work: Path, injection: Path) -> Phase:
     return Phase("baseline", work, port, start_uas(work, port), injection)
 
 
+def register_callee(work: Path, sip_port: int, callee_port: int) -> None:
+    """REGISTER the callee (digest) from the port its UAS then answers on; SystemExit if it fails."""
+    register = sipp_command(
+        "register_digest",
+        local_port=callee_port,
+        target_port=sip_port,
+        calls=1,
+        injection=auth_csv(work / "callee.csv", [CALLEE]),
+        sets={"expires": str(CALLEE_EXPIRES_S)},
+        timeout_s=30,
+    )
+    proc = start_sipp(register, work / "register")
+    code, cpu = wait_sipp(proc, 40)
+    if code != 0 or read_outcome(work / "register", code, 0.0, cpu).successful != 1:
+        raise SystemExit(f"the callee could not register: see {work / 'register'}")
+
+
 def start_node_phase(
     work: Path, injection: Path, users: list[tuple[str, str]], workers: int | str, log_level: str
 ) -> Phase:
@@ -232,20 +249,7 @@ def start_node_phase(
     )
     try:
         callee_port = free_port()
-        register = sipp_command(
-            "register_digest",
-            local_port=callee_port,
-            target_port=sip_port,
-            calls=1,
-            injection=auth_csv(work / "callee.csv", [CALLEE]),
-            sets={"expires": str(CALLEE_EXPIRES_S)},
-            timeout_s=30,
-        )
-        proc = start_sipp(register, work / "register")
-        code, cpu = wait_sipp(proc, 40)
-        registered = read_outcome(work / "register", code, 0.0, cpu)
-        if code != 0 or registered.successful != 1:
-            raise SystemExit(f"the callee could not register: see {work / 'register'}")
+        register_callee(work, sip_port, callee_port)
         phase = Phase("softswitch", work, sip_port, start_uas(work, callee_port), injection, node)
     except BaseException:
         stop_softswitch(node)

@@ -62,7 +62,6 @@ from typing import Any
 
 from call_bench import (
     CALLEE,
-    CALLEE_EXPIRES_S,
     CALLER_FIRST,
     NODE_MAX_CALLS,
     NODE_MAX_CPS,
@@ -71,6 +70,7 @@ from call_bench import (
     conditions,
     fmt,
     node_processes,
+    register_callee,
     start_uas,
 )
 from common import (
@@ -387,22 +387,6 @@ def subscribe_calls(mqtt_port: int, bound_s: float) -> Subscriber:
             time.sleep(0.05)
         subscriber.stop()  # subscribed too late for the event and too early for the snapshot: again
     raise RuntimeError(f"mosquitto_sub on port {mqtt_port} never saw the callee's registration")
-
-
-def register_callee(work: Path, sip_port: int, callee_port: int) -> None:
-    register = sipp_command(
-        "register_digest",
-        local_port=callee_port,
-        target_port=sip_port,
-        calls=1,
-        injection=auth_csv(work / "callee.csv", [CALLEE]),
-        sets={"expires": str(CALLEE_EXPIRES_S)},
-        timeout_s=30,
-    )
-    proc = start_sipp(register, work / "register")
-    code, cpu = wait_sipp(proc, 40)
-    if code != 0 or read_outcome(work / "register", code, 0.0, cpu).successful != 1:
-        raise RuntimeError(f"the callee could not register: see {work / 'register'}")
 
 
 def call_latency(

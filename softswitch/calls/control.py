@@ -442,10 +442,7 @@ class CallControl:
             ),
         )
         if not sent and not leg.ended:
-            leg.move(LegState.ENDED)
-            leg.ended_at = self.clock()
-            leg.final_status, leg.released_by, leg.sip_code = "failed", "system", 500
-            self._publish_ended(leg)
+            self._unplaced(leg)
             self.queues.offer_failed(action.agent_id, conv.id)
 
     async def _connect(self, conv: Conversation, agent_id: str) -> None:
@@ -551,10 +548,7 @@ class CallControl:
                     ),
                 )
                 if not sent and not a.ended:
-                    a.move(LegState.ENDED)
-                    a.ended_at = self.clock()
-                    a.final_status, a.released_by, a.sip_code = "failed", "system", 500
-                    self._publish_ended(a)
+                    self._unplaced(a)
                     self._conversation_ended(conv)
                     if self.queues is not None:
                         self.queues.agent_call_ended(agent_id, conv.id, 0.0)
@@ -747,10 +741,7 @@ class CallControl:
             ),
         )
         if not sent and not b.ended:
-            b.move(LegState.ENDED)
-            b.ended_at = self.clock()
-            b.final_status, b.released_by, b.sip_code = "failed", "system", 500
-            self._publish_ended(b)
+            self._unplaced(b)
             await self._reject(a, 503, "Service Unavailable")
 
     # -- leg state changes ----------------------------------------------------------------------
@@ -894,6 +885,13 @@ class CallControl:
                 await self._send(other.worker_id, Hangup(leg=other.id))
         if not conv.live_legs():
             self._conversation_ended(conv)
+
+    def _unplaced(self, leg: Leg) -> None:
+        """A leg the worker did not originate: it ends here, failed by the system (no leg.state comes)."""
+        leg.move(LegState.ENDED)
+        leg.ended_at = self.clock()
+        leg.final_status, leg.released_by, leg.sip_code = "failed", "system", 500
+        self._publish_ended(leg)
 
     def _publish_ended(self, leg: Leg) -> None:
         self._publish(

@@ -66,12 +66,26 @@ def _phone(sipp: Sipp, node: RunningSoftswitch, user: str, scenario: str) -> Sip
     return phone
 
 
-def _customer(sipp: Sipp, node: RunningSoftswitch, hold_ms: int = HOLD_MS) -> SippProcess:
-    """The customer calls the queue; the queue answers at once (music on hold), the customer hangs up."""
+def _customer(
+    sipp: Sipp,
+    node: RunningSoftswitch,
+    hold_ms: int = HOLD_MS,
+    *,
+    number: str = QUEUE_NUMBER,
+    hangup: str = "local",
+    key_1: bool = False,
+) -> SippProcess:
+    """The customer calls `number` (a queue answers at once, with music on hold). It hangs up after
+    `hold_ms` (`hangup` "local") or waits for the far end's BYE ("remote"); with `key_1` it presses 1
+    after `hold_ms` and waits for the far end's BYE (uac_ivr_key1)."""
+    scenario, sets = (
+        ("uac_ivr_key1", {})
+        if key_1
+        else ("uac_expect_status", {"expected": "200", "alternative": "none", "hangup": hangup})
+    )
     return sipp.start(
-        "uac_expect_status", node.sip_port, users=[(CUSTOMER, DEMO_PASSWORDS[CUSTOMER])], calls=1,
-        timeout_s=SIPP_TIMEOUT_S, sets={"expected": "200", "alternative": "none", "hangup": "local"},
-        extra_args=["-s", QUEUE_NUMBER, "-d", str(hold_ms)],
+        scenario, node.sip_port, users=[(CUSTOMER, DEMO_PASSWORDS[CUSTOMER])], calls=1,
+        timeout_s=SIPP_TIMEOUT_S, sets=sets, extra_args=["-s", number, "-d", str(hold_ms)],
     )  # fmt: skip
 
 
@@ -211,14 +225,7 @@ async def test_the_agent_holds_retrieves_keys_and_hangs_up_by_command(tmp_path: 
             phone = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_answer_hold")
             await _login(app, "8001")
             await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
-            customer = await asyncio.to_thread(
-                lambda: sipp.start(
-                    "uac_expect_status", node.sip_port, users=[(CUSTOMER, DEMO_PASSWORDS[CUSTOMER])],
-                    calls=1, timeout_s=SIPP_TIMEOUT_S,
-                    sets={"expected": "200", "alternative": "none", "hangup": "remote"},
-                    extra_args=["-s", QUEUE_NUMBER],
-                )
-            )  # fmt: skip
+            customer = await asyncio.to_thread(lambda: _customer(sipp, node, hangup="remote"))
             try:
                 await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
             except AssertionError as exc:
@@ -346,11 +353,8 @@ async def test_the_ivr_sends_key_1_to_the_support_queue(tmp_path: Path, sipp: Si
             await _login(app, "8001")
             await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
             caller = await asyncio.to_thread(
-                lambda: sipp.start(
-                    "uac_ivr_key1", node.sip_port, users=[(CUSTOMER, DEMO_PASSWORDS[CUSTOMER])], calls=1,
-                    timeout_s=SIPP_TIMEOUT_S, extra_args=["-s", "7000", "-d", str(IVR_LISTEN_MS)],
-                )
-            )  # fmt: skip
+                lambda: _customer(sipp, node, IVR_LISTEN_MS, number="7000", key_1=True)
+            )
             await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
             assert (await app.call("call.hangup", {"agent_id": "8001"}))["ok"]
             called = await asyncio.to_thread(caller.wait)
@@ -376,12 +380,7 @@ async def test_a_waiting_caller_leaves_the_queue_by_key(tmp_path: Path, sipp: Si
     with running_softswitch(tmp_path / "node", extra) as node:
         assert node.mqtt_port is not None
         async with collecting(node.mqtt_port, f"{PREFIX}/#") as collector:
-            caller = await asyncio.to_thread(
-                lambda: sipp.start(
-                    "uac_ivr_key1", node.sip_port, users=[(CUSTOMER, DEMO_PASSWORDS[CUSTOMER])], calls=1,
-                    timeout_s=SIPP_TIMEOUT_S, extra_args=["-s", QUEUE_NUMBER, "-d", str(IVR_LISTEN_MS)],
-                )
-            )  # fmt: skip
+            caller = await asyncio.to_thread(lambda: _customer(sipp, node, IVR_LISTEN_MS, key_1=True))
             called = await asyncio.to_thread(caller.wait)  # the node's BYE ends the scenario
             assert called.ok and called.successful == 1, called.describe()
             events = await collector.until(lambda ev: any(e["type"] == "cdr.created" for e in ev))
