@@ -140,6 +140,7 @@ class Node:
                 has_binding=edge.has_binding,
                 domain=config.sip.domain,
                 prompts=prompt_set(config),
+                recordings_dir=config.data_dir.resolve() / "recordings",
             )
             control.start()
             self.calls = control

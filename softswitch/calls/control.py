@@ -12,22 +12,28 @@ import itertools
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 
 from softswitch.calls.apps import LegChannel, LegGone, ivr, playback
 from softswitch.calls.models import (
+    CallRecording,
+    Consult,
     Conversation,
     ConversationState,
     Leg,
     LegState,
+    Supervision,
     new_conversation_id,
 )
 from softswitch.cti.commands import (
     CallControlRequest,
     CallRequest,
+    MonitorRequest,
     OriginateRequest,
+    RecordRequest,
     SendDtmfRequest,
     TransferRequest,
 )
@@ -51,10 +57,23 @@ from softswitch.events.types import (
     CallEvent,
     CallHeld,
     CallInitiated,
+    CallMuted,
     CallRetrieved,
     CallRinging,
+    CallUnmuted,
     ConversationEnded,
+    ParticipantJoined,
+    ParticipantLeft,
+    RecordingAvailable,
+    RecordingStarted,
+    RecordingStopped,
+    SupervisionEnded,
+    SupervisionModeChanged,
+    SupervisionStarted,
+    TransferAnswered,
+    TransferCancelled,
     TransferCompleted,
+    TransferFailed,
     TransferInitiated,
 )
 from softswitch.media.protocol import (
@@ -67,15 +86,19 @@ from softswitch.media.protocol import (
     Hangup,
     LegDtmf,
     LegIncoming,
+    Listen,
     Originate,
     Play,
     PlayerDone,
+    Record,
     Reject,
     SendDtmf,
     StopPlay,
+    StopRecord,
     StopTone,
     Tone,
     Unbridge,
+    Unlisten,
 )
 from softswitch.media.protocol import LegState as LegStateEvent
 from softswitch.prompts import PromptError, PromptSet
@@ -180,6 +203,7 @@ class CallControl:
         has_binding: Callable[[str], bool],
         domain: str,
         prompts: PromptSet | None = None,
+        recordings_dir: Path | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.media = media
@@ -189,6 +213,7 @@ class CallControl:
         self.has_binding = has_binding
         self.domain = domain
         self.prompts = prompts or PromptSet()
+        self.recordings_dir = recordings_dir  # call.record writes {recordings_dir}/{conversation}/{id}.wav
         self.clock = clock
         self.conversations: dict[str, Conversation] = {}
         self.legs: dict[str, Leg] = {}
@@ -263,12 +288,34 @@ class CallControl:
     async def _command(self, worker_id: str, cmd: Command) -> dict[str, Any] | None:
         """The command's result, or None when it failed (logged)."""
         try:
-            return await self.media.command(worker_id, cmd, COMMAND_TIMEOUT_S)
+            result = await self.media.command(worker_id, cmd, COMMAND_TIMEOUT_S)
+            self._track_media(cmd)
+            return result
         except CommandError as e:
             log.info("media command failed", command=cmd.type, code=e.code, error=e.message)
         except (TimeoutError, ConnectionError, KeyError) as e:
             log.warning("media command not delivered", command=cmd.type, error=repr(e))
         return None
+
+    def _track_media(self, cmd: Command) -> None:
+        """Keep the conversation's record of who hears whom in step with what the worker did."""
+        if isinstance(cmd, Bridge | Unbridge):
+            if cmd.a == cmd.b:
+                return
+            pairs, add = [(cmd.a, cmd.b), (cmd.b, cmd.a)], isinstance(cmd, Bridge)
+        elif isinstance(cmd, Listen | Unlisten):
+            pairs, add = [(cmd.leg, cmd.source)], isinstance(cmd, Listen)
+        else:
+            return
+        leg = self.legs.get(pairs[0][0])
+        conv = self.conversations.get(leg.conversation_id) if leg is not None else None
+        if conv is None:
+            return
+        for pair in pairs:
+            if add:
+                conv.edges.add(pair)
+            else:
+                conv.edges.discard(pair)
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -495,8 +542,24 @@ class CallControl:
                 return {"call_id": target.id, "digits": request.digits}
             if isinstance(request, TransferRequest) and request.command == "call.transfer":
                 return await self._blind_transfer(conv, leg, far, request)
+            if isinstance(request, TransferRequest) and request.command == "call.consult":
+                return await self._consult(conv, leg, far, request)
+            if isinstance(request, MonitorRequest):
+                return await self._monitor(conv, leg, request)
+            if isinstance(request, RecordRequest):
+                return await self._record(conv, request.action)
             if not isinstance(request, CallControlRequest):
                 raise CtiError(NOT_SUPPORTED, f"{request.command} is not carried out by this node yet")
+            if request.command in ("call.mute", "call.unmute"):
+                return await self._mute(conv, leg, mute=request.command == "call.mute")
+            if request.command == "call.consult_cancel":
+                return await self._consult_cancel(conv, leg)
+            if request.command == "call.transfer_complete":
+                return await self._transfer_complete(conv, leg)
+            if request.command == "call.conference":
+                return await self._conference(conv, leg)
+            if request.command == "call.conference_leave":
+                return await self._conference_leave(conv, leg)
             if request.command == "call.hangup":
                 leg.final_status, leg.released_by = "completed" if leg.answered_at else "canceled", "local"
                 await self._send(leg.worker_id, Hangup(leg=leg.id))
@@ -648,6 +711,372 @@ class CallControl:
         log.info("call held" if hold else "call retrieved", call_id=far.id)
         return {"call_id": far.id, "held": hold}
 
+    # -- consultation, attended transfer, three-way conference ----------------------------------
+
+    def _consult_target(self, kind: str, target: str, caller: str) -> actions.Dial:
+        """The registered user a consultation dials (user, or a number the dialplan routes to one)."""
+        if kind not in ("user", "external"):
+            raise CtiError(NOT_SUPPORTED, f"consulting a {kind} is not carried out by this node yet")
+        routed = self.router.route(target, caller=caller)
+        if not isinstance(routed, actions.Dial):
+            raise CtiError(NOT_SUPPORTED, f"{target!r} does not route to a user")
+        if routed.target not in self.users or not self.has_binding(routed.target):
+            raise CtiError(DEVICE_UNAVAILABLE, f"{routed.target} is not registered")
+        return routed
+
+    def _transfer_fields(self, conv: Conversation, consult: Consult) -> dict[str, Any]:
+        return {
+            "conversation_id": conv.id, "transfer_id": consult.transfer_id, "flow": "attended",
+            "transferred_call": consult.transferee, "initiator_call": consult.initiator,
+            "recipient_call": consult.recipient, "target": consult.target,
+        }  # fmt: skip
+
+    async def _consult(
+        self, conv: Conversation, leg: Leg, far: Leg | None, request: TransferRequest
+    ) -> dict[str, Any]:
+        """call.consult (the seed's consultation): the customer holds with music, a second leg rings the
+        target; when it answers the agent and the target talk (transfer.answered)."""
+        if far is None or far.ended:
+            raise CtiError(NO_ACTIVE_CALL, "the call has no other party to hold")
+        if conv.consult is not None or conv.conference:
+            raise CtiError(INVALID_STATE, "a consultation or conference is in progress already")
+        dial = self._consult_target(request.target_kind, request.target_id, leg.user or leg.to)
+        if not far.held:
+            await self._hold(leg, far, hold=True)
+        recipient = Leg(
+            self._new_leg_id(), leg.worker_id, conv.id, "outbound", "consult", leg.user or leg.to,
+            dial.target, user=dial.target, created_at=self.clock(),
+        )  # fmt: skip
+        conv.legs[recipient.id] = recipient
+        self.legs[recipient.id] = recipient
+        consult = Consult(
+            "TR" + secrets.token_hex(8), leg.id, far.id, recipient.id,
+            {"kind": request.target_kind, "id": request.target_id},
+        )  # fmt: skip
+        conv.consult = consult
+        self.bus.publish(TransferInitiated(**self._transfer_fields(conv, consult)))
+        self._publish(CallInitiated, recipient, user=dial.target)
+        log.info("consultation", transfer_id=consult.transfer_id, target=dial.target)
+        sent = await self._send(
+            leg.worker_id,
+            Originate(
+                leg=recipient.id,
+                uri=f"sip:{dial.target}@{self.domain}",
+                from_uri=f"sip:{leg.user or leg.to}@{self.domain}",
+                display_name=self.users.get(leg.user or "", ""),
+                timeout_s=dial.timeout_s,
+            ),
+        )
+        if not sent and not recipient.ended:
+            self._unplaced(recipient)
+            await self._consult_ended(conv, recipient)
+            raise CtiError(INTERNAL, "the media worker did not place the consultation")
+        return {"transfer_id": consult.transfer_id, "recipient_call": recipient.id}
+
+    async def _consult_answered(self, conv: Conversation, leg: Leg) -> None:
+        consult = conv.consult
+        initiator = self.legs.get(consult.initiator) if consult is not None else None
+        if consult is None or consult.recipient != leg.id or initiator is None or initiator.ended:
+            await self._send(leg.worker_id, Hangup(leg=leg.id))
+            return
+        consult.answered = True
+        await self._send(initiator.worker_id, StopTone(leg=initiator.id))
+        if await self._send(leg.worker_id, Bridge(a=initiator.id, b=leg.id)):
+            self._publish(CallBridged, initiator, peer_call_id=leg.id)
+            self._publish(CallBridged, leg, peer_call_id=initiator.id)
+        self.bus.publish(TransferAnswered(**self._transfer_fields(conv, consult)))
+        await self._recording_add(conv, leg)
+        await self._supervision_refresh(conv)
+
+    async def _consult_ended(self, conv: Conversation, recipient: Leg) -> None:
+        """The consulted leg ended before the transfer completed: the agent is back with the customer
+        (retrieved), so nobody is left in silence on hold."""
+        consult = conv.consult
+        if consult is None:
+            return
+        conv.consult = None
+        fields = self._transfer_fields(conv, consult)
+        if consult.cancelled:
+            self.bus.publish(TransferCancelled(**fields))
+        else:
+            reason = recipient.final_status if not consult.answered else "hangup"
+            self.bus.publish(TransferFailed(**fields, reason=reason))
+        initiator, transferee = self.legs.get(consult.initiator), self.legs.get(consult.transferee)
+        if initiator is not None and not initiator.ended:
+            await self._send(initiator.worker_id, StopTone(leg=initiator.id))
+            if transferee is not None and not transferee.ended and transferee.held:
+                await self._hold(initiator, transferee, hold=False)
+        await self._supervision_refresh(conv)
+
+    def _consult_of(self, conv: Conversation, leg: Leg, *, answered: bool) -> Consult:
+        consult = conv.consult
+        if consult is None or consult.initiator != leg.id:
+            raise CtiError(INVALID_STATE, "no consultation in progress")
+        if answered and not consult.answered:
+            raise CtiError(INVALID_STATE, "the consulted party has not answered yet")
+        return consult
+
+    async def _consult_cancel(self, conv: Conversation, leg: Leg) -> dict[str, Any]:
+        """call.consult_cancel: the consulted leg ends; the customer is retrieved when it has."""
+        consult = self._consult_of(conv, leg, answered=False)
+        consult.cancelled = True
+        recipient = self.legs[consult.recipient]
+        recipient.final_status = "completed" if recipient.answered_at else "canceled"
+        recipient.released_by = "local"
+        await self._send(recipient.worker_id, Hangup(leg=recipient.id))
+        return {"transfer_id": consult.transfer_id}
+
+    async def _transfer_complete(self, conv: Conversation, leg: Leg) -> dict[str, Any]:
+        """call.transfer_complete: the customer talks to the consulted party; the agent leaves."""
+        consult = self._consult_of(conv, leg, answered=True)
+        transferee, recipient = self.legs[consult.transferee], self.legs[consult.recipient]
+        conv.consult = None
+        await self._send(leg.worker_id, Unbridge(a=leg.id, b=recipient.id))
+        await self._retrieve_into(transferee, recipient)
+        self.bus.publish(TransferCompleted(**self._transfer_fields(conv, consult)))
+        await self._leave(conv, leg)
+        log.info("attended transfer completed", transfer_id=consult.transfer_id)
+        return {"transfer_id": consult.transfer_id, "recipient_call": recipient.id}
+
+    async def _retrieve_into(self, held: Leg, other: Leg) -> None:
+        """Take `held` off hold straight into a bridge with `other`."""
+        await self._send(held.worker_id, StopPlay(leg=held.id))
+        if held.held:
+            held.held = False
+            self._publish(CallRetrieved, held, by="api")
+        if await self._send(held.worker_id, Bridge(a=held.id, b=other.id)):
+            self._bridged(held, other)
+
+    async def _leave(self, conv: Conversation, leg: Leg) -> None:
+        """`leg` leaves the call on purpose (its BYE ends nobody else); the call goes on without it."""
+        leg.detached = True
+        for listener, source in list(conv.edges):
+            if leg.id in (listener, source):
+                other = source if listener == leg.id else listener
+                await self._send(leg.worker_id, Unbridge(a=leg.id, b=other))
+        if conv.a_leg == leg.id:
+            conv.a_leg = next((x.id for x in conv.live_legs() if x is not leg and not x.detached), None)
+        leg.final_status, leg.released_by = "completed", "local"
+        await self._send(leg.worker_id, Hangup(leg=leg.id))
+        await self._release_supervisor_of(conv, leg)
+        await self._supervision_refresh(conv)
+
+    async def _release_supervisor_of(self, conv: Conversation, leg: Leg) -> None:
+        """The supervised agent left the call: so does the supervisor."""
+        sup = conv.supervision
+        sup_leg = self.legs.get(sup.leg) if sup is not None and sup.target == leg.id else None
+        if sup_leg is not None and not sup_leg.ended and not sup_leg.final_status:
+            sup_leg.final_status, sup_leg.released_by = "completed", "local"
+            await self._send(sup_leg.worker_id, Hangup(leg=sup_leg.id))
+
+    async def _conference(self, conv: Conversation, leg: Leg) -> dict[str, Any]:
+        """call.conference (three-way): the held customer joins the agent and the consulted party, and
+        each of the three hears the other two."""
+        consult = self._consult_of(conv, leg, answered=True)
+        transferee, recipient = self.legs[consult.transferee], self.legs[consult.recipient]
+        conv.consult = None
+        await self._retrieve_into(transferee, leg)
+        if await self._send(transferee.worker_id, Bridge(a=transferee.id, b=recipient.id)):
+            self._publish(CallBridged, transferee, peer_call_id=recipient.id)
+            self._publish(CallBridged, recipient, peer_call_id=transferee.id)
+        conv.conference = {transferee.id, leg.id, recipient.id}
+        for party in (transferee, leg, recipient):
+            self.bus.publish(
+                ParticipantJoined(conv.id, party.id, room=conv.id, role=party.role, reason="conference")
+            )
+        await self._supervision_refresh(conv)
+        log.info("three-way conference", transfer_id=consult.transfer_id)
+        return {"room": conv.id, "participants": sorted(conv.conference)}
+
+    async def _conference_leave(self, conv: Conversation, leg: Leg) -> dict[str, Any]:
+        """call.conference_leave: the agent leaves the three-way call; the other two talk on."""
+        if leg.id not in conv.conference:
+            raise CtiError(INVALID_STATE, "the agent is not in a conference")
+        self._conference_left(conv, leg, reason="left")
+        await self._leave(conv, leg)
+        return {"room": conv.id}
+
+    def _conference_left(self, conv: Conversation, leg: Leg, *, reason: str) -> None:
+        conv.conference.discard(leg.id)
+        self.bus.publish(ParticipantLeft(conv.id, leg.id, room=conv.id, role=leg.role, reason=reason))
+        remaining = [self.legs[i] for i in conv.conference if i in self.legs and not self.legs[i].ended]
+        if len(remaining) < 3:
+            for party in remaining:
+                self.bus.publish(
+                    ParticipantLeft(conv.id, party.id, room=conv.id, role=party.role, reason="ended")
+                )
+            conv.conference = set()
+            if len(remaining) == 2:
+                a, b = remaining
+                a.peer, b.peer = b.id, a.id
+
+    # -- mute, supervision, recording ------------------------------------------------------------
+
+    async def _mute(self, conv: Conversation, leg: Leg, *, mute: bool) -> dict[str, Any]:
+        """call.mute: nobody but a supervisor hears the leg; it still hears them. call.unmute undoes it."""
+        if leg.muted == mute:
+            raise CtiError(INVALID_STATE, "the call is muted already" if mute else "the call is not muted")
+        supervisor = conv.supervision.leg if conv.supervision is not None else None
+        if mute:
+            listeners = {x for x, src in conv.edges if src == leg.id and x != supervisor}
+            for listener in listeners:
+                await self._send(leg.worker_id, Unlisten(leg=listener, source=leg.id))
+            leg.muted, leg.muted_from = True, listeners
+            self._publish(CallMuted, leg)
+        else:
+            for listener in leg.muted_from:
+                other = self.legs.get(listener)
+                if other is not None and not other.ended:
+                    await self._send(leg.worker_id, Listen(leg=listener, source=leg.id))
+            leg.muted, leg.muted_from = False, set()
+            self._publish(CallUnmuted, leg)
+        log.info("call muted" if mute else "call unmuted", call_id=leg.id)
+        return {"call_id": leg.id, "muted": mute}
+
+    async def _monitor(self, conv: Conversation, leg: Leg, request: MonitorRequest) -> dict[str, Any]:
+        """call.monitor: ring the supervisor's phone; once answered it hears the agent's call (listen),
+        is heard by the agent (whisper) or by everyone (barge). Sent again, it switches the mode."""
+        supervisor_id = request.by or ""
+        current = conv.supervision
+        if current is not None:
+            if current.supervisor_id != supervisor_id:
+                raise CtiError(INVALID_STATE, f"{current.supervisor_id} is monitoring this call already")
+            previous, current.mode = current.mode, request.mode
+            if current.started and previous != request.mode:
+                await self._supervision_refresh(conv)
+                self.bus.publish(
+                    SupervisionModeChanged(
+                        conv.id, supervisor_id, current.leg, current.target, request.mode,
+                        previous_mode=previous,
+                    )
+                )  # fmt: skip
+            return {"supervisor_call": current.leg, "mode": request.mode}
+        device = request.supervisor_device
+        if device is None or device.kind != "sip":
+            raise CtiError(DEVICE_UNAVAILABLE, "the supervisor has no SIP device")
+        if device.address not in self.users or not self.has_binding(device.address):
+            raise CtiError(DEVICE_UNAVAILABLE, f"device {device.address} is not registered")
+        sup = Leg(
+            self._new_leg_id(), leg.worker_id, conv.id, "outbound", "supervisor", leg.user or leg.to,
+            device.address, user=device.address, created_at=self.clock(), detached=True,
+        )  # fmt: skip
+        conv.legs[sup.id] = sup
+        self.legs[sup.id] = sup
+        conv.supervision = Supervision(supervisor_id, sup.id, leg.id, request.mode)
+        self._publish(CallInitiated, sup, user=device.address)
+        log.info("supervisor joins", supervisor_id=supervisor_id, mode=request.mode, target=leg.id)
+        sent = await self._send(
+            leg.worker_id,
+            Originate(
+                leg=sup.id,
+                uri=f"sip:{device.address}@{self.domain}",
+                from_uri=f"sip:{leg.user or leg.to}@{self.domain}",
+                timeout_s=ORIGINATE_AGENT_TIMEOUT_S,
+            ),
+        )
+        if not sent and not sup.ended:
+            conv.supervision = None
+            self._unplaced(sup)
+            raise CtiError(INTERNAL, "the media worker did not place the supervisor's call")
+        return {"supervisor_call": sup.id, "mode": request.mode}
+
+    def _talk_group(self, conv: Conversation, leg: Leg, exclude: str) -> set[str]:
+        """`leg` and every live leg it talks with (hears or is heard by), but `exclude`."""
+        group = {leg.id}
+        for listener, source in conv.edges:
+            if leg.id in (listener, source):
+                group.add(source if listener == leg.id else listener)
+        group.discard(exclude)
+        return {i for i in group if i in self.legs and not self.legs[i].ended}
+
+    async def _supervision_refresh(self, conv: Conversation) -> None:
+        """Make the supervisor's connections match its mode and the agent's current talk group."""
+        sup = conv.supervision
+        if sup is None or not sup.started:
+            return
+        target = self.legs.get(sup.target)
+        if target is None or target.ended:
+            return
+        group = self._talk_group(conv, target, sup.leg)
+        wanted = {(sup.leg, member) for member in group if not self.legs[member].held}
+        if sup.mode == "whisper":
+            wanted.add((target.id, sup.leg))
+        elif sup.mode == "barge":
+            wanted |= {(member, sup.leg) for member in group if not self.legs[member].held}
+        current = {(x, y) for x, y in conv.edges if sup.leg in (x, y)}
+        for listener, source in sorted(current - wanted):
+            await self._send(target.worker_id, Unlisten(leg=listener, source=source))
+        for listener, source in sorted(wanted - current):
+            await self._send(target.worker_id, Listen(leg=listener, source=source))
+
+    async def _supervisor_answered(self, conv: Conversation, leg: Leg) -> None:
+        sup = conv.supervision
+        if sup is None or sup.leg != leg.id:
+            await self._send(leg.worker_id, Hangup(leg=leg.id))
+            return
+        sup.started = True
+        await self._supervision_refresh(conv)
+        self.bus.publish(SupervisionStarted(conv.id, sup.supervisor_id, sup.leg, sup.target, sup.mode))
+
+    def _supervision_ended(self, conv: Conversation, leg: Leg) -> None:
+        sup = conv.supervision
+        if sup is None or sup.leg != leg.id:
+            return
+        conv.supervision = None
+        if sup.started:
+            self.bus.publish(SupervisionEnded(conv.id, sup.supervisor_id, sup.leg, sup.target, sup.mode))
+
+    async def _record(self, conv: Conversation, action: str) -> dict[str, Any]:
+        """call.record start: the parties' mixed audio goes to a WAV file under the data directory
+        (recording.started); stop closes it (recording.stopped, then recording.available)."""
+        if action == "stop":
+            if conv.recording is None:
+                raise CtiError(INVALID_STATE, "the call is not being recorded")
+            return await self._stop_recording(conv)
+        if conv.recording is not None:
+            raise CtiError(INVALID_STATE, "the call is being recorded already")
+        if self.recordings_dir is None:
+            raise CtiError(NOT_SUPPORTED, "this node keeps no recordings")
+        parties = [x for x in conv.live_legs() if x.answered_at is not None and x.role != "supervisor"]
+        if not parties:
+            raise CtiError(NO_ACTIVE_CALL, "no answered party to record")
+        recording_id = "RE" + secrets.token_hex(8)
+        directory = self.recordings_dir / conv.id
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{recording_id}.wav"
+        url = f"{self.recordings_dir.name}/{conv.id}/{recording_id}.wav"
+        sent = await self._send(
+            conv.worker_id, Record(recording=recording_id, path=str(path), legs=[x.id for x in parties])
+        )
+        if not sent:
+            raise CtiError(INTERNAL, "the media worker did not start the recording")
+        conv.recording = CallRecording(recording_id, str(path), url, self.clock())
+        self.bus.publish(RecordingStarted(conv.id, recording_id, url))
+        log.info("recording started", recording_id=recording_id, path=str(path))
+        return {"recording_id": recording_id, "url": url}
+
+    async def _recording_add(self, conv: Conversation, leg: Leg) -> None:
+        rec = conv.recording
+        if rec is not None:
+            await self._send(conv.worker_id, Record(recording=rec.id, path=rec.path, legs=[leg.id]))
+
+    async def _stop_recording(self, conv: Conversation) -> dict[str, Any]:
+        rec = conv.recording
+        if rec is None:
+            return {}
+        conv.recording = None
+        result = await self._command(conv.worker_id, StopRecord(recording=rec.id))
+        duration = float(result.get("duration_s", 0.0)) if result else round(self.clock() - rec.started_at, 3)
+        self.bus.publish(RecordingStopped(conv.id, rec.id, rec.url, duration))
+        try:
+            size = Path(rec.path).stat().st_size
+        except OSError:
+            log.warning("recording file missing", recording_id=rec.id, path=rec.path)
+            return {"recording_id": rec.id, "url": rec.url, "duration_s": duration}
+        self.bus.publish(RecordingAvailable(conv.id, rec.id, rec.url, duration, size_bytes=size))
+        log.info("recording stopped", recording_id=rec.id, duration_s=duration, size_bytes=size)
+        return {"recording_id": rec.id, "url": rec.url, "duration_s": duration}
+
     @staticmethod
     def _agent_leg(conv: Conversation, agent_id: str) -> Leg | None:
         live = [leg for leg in conv.legs.values() if leg.agent_id == agent_id]
@@ -771,6 +1200,11 @@ class CallControl:
             self._publish(CallRinging, leg, early_media=early_media)
             if leg.agent_id is not None and leg.id != conv.a_leg and self.queues is not None:
                 self.queues.offer_ringing(leg.agent_id, conv.id)
+            consult = conv.consult
+            if leg.role == "consult" and consult is not None and consult.recipient == leg.id:
+                initiator = self.legs.get(consult.initiator)
+                if initiator is not None and not initiator.ended:
+                    await self._send(initiator.worker_id, Tone(leg=initiator.id, kind="ringback"))
         if leg.role not in ("callee", "customer"):
             return
         caller = self._caller(conv)
@@ -793,6 +1227,12 @@ class CallControl:
         leg.move(LegState.ANSWERED)
         leg.answered_at = now
         self._publish(CallAnswered, leg, answered_by=leg.user or leg.to)
+        if leg.role == "consult" and (conv.consult is None or conv.consult.recipient == leg.id):
+            await self._consult_answered(conv, leg)
+            return
+        if leg.role == "supervisor":
+            await self._supervisor_answered(conv, leg)
+            return
         if leg.agent_id is not None and leg.id != conv.a_leg:
             if self.queues is not None:
                 self.queues.offer_answered(leg.agent_id, conv.id)  # the CTI layer connects the caller
@@ -857,6 +1297,11 @@ class CallControl:
                 # Rejected, busy or unreachable: a missed offer. (A worker that died is no fault of the
                 # agent's: the caller's leg ends with it and the CTI layer withdraws the offer.)
                 self.queues.offer_failed(leg.agent_id, conv.id)
+        if await self._party_left(conv, leg):
+            if not conv.live_legs():
+                await self._stop_recording(conv)
+                self._conversation_ended(conv)
+            return
         if leg.agent_id is not None and leg.id != conv.a_leg and leg.peer is None:
             # An offer that ended (or an answer that came too late): the caller waits on for the next
             # one, or is with another agent; nothing else ends with it.
@@ -866,6 +1311,7 @@ class CallControl:
         if self.queues is not None and leg.role == "caller" and conv.queue_id is not None:
             conv.queue_id = None
             self.queues.caller_gone(conv.id)  # abandoned: the CTI layer withdraws its offers
+        await self._stop_recording(conv)
         for other in conv.live_legs():
             if other.final_status:
                 continue  # already being released
@@ -885,6 +1331,48 @@ class CallControl:
                 await self._send(other.worker_id, Hangup(leg=other.id))
         if not conv.live_legs():
             self._conversation_ended(conv)
+
+    async def _party_left(self, conv: Conversation, leg: Leg) -> bool:
+        """A leg of a multi-party call ended: True when the call goes on without it (a supervisor, a
+        consulted party before the transfer, a leg that left on purpose, one of a three-way call, the
+        customer or the agent during a consultation); False when the others end with it."""
+        for listener, source in list(conv.edges):
+            if leg.id in (listener, source):
+                conv.edges.discard((listener, source))
+        if leg.role == "supervisor":
+            self._supervision_ended(conv, leg)
+            return True
+        consult = conv.consult
+        if consult is not None and leg.id == consult.recipient:
+            await self._consult_ended(conv, leg)
+            return True
+        if leg.detached:
+            return True
+        if leg.id in conv.conference:
+            self._conference_left(conv, leg, reason="hangup")
+            if len([x for x in conv.live_legs() if x.role != "supervisor"]) >= 2:
+                await self._supervision_refresh(conv)
+                return True
+            return False
+        if consult is not None and leg.id == consult.transferee:
+            # The held customer hung up: the agent and the consulted party talk on.
+            conv.consult = None
+            self.bus.publish(TransferFailed(**self._transfer_fields(conv, consult), reason="transferee_gone"))
+            return consult.answered
+        if consult is not None and leg.id == consult.initiator and consult.answered:
+            # The agent hung up while talking to the consulted party: that completes the transfer (the
+            # usual PBX behaviour of an attended transfer).
+            conv.consult = None
+            transferee, recipient = self.legs[consult.transferee], self.legs[consult.recipient]
+            if transferee.ended or recipient.ended:
+                return False
+            await self._retrieve_into(transferee, recipient)
+            if conv.a_leg == leg.id:
+                conv.a_leg = transferee.id
+            self.bus.publish(TransferCompleted(**self._transfer_fields(conv, consult)))
+            await self._release_supervisor_of(conv, leg)
+            return True
+        return False
 
     def _unplaced(self, leg: Leg) -> None:
         """A leg the worker did not originate: it ends here, failed by the system (no leg.state comes)."""

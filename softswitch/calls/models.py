@@ -74,6 +74,10 @@ class Leg:
     peer: str | None = None  # the leg it is bridged with
     agent_id: str | None = None  # a leg that offers a queue caller to this agent's device
     held: bool = False  # split from its peer and hearing music on hold (call.hold)
+    muted: bool = False  # its audio reaches no other party but a supervisor (call.mute)
+    muted_from: set[str] = field(default_factory=set)  # the legs that heard it before call.mute
+    detached: bool = False  # left the call on purpose (transfer, conference leave, a supervisor's leg):
+    #                        its end ends nobody else
 
     def move(self, state: LegState) -> None:
         if state not in LEG_TRANSITIONS[self.state]:
@@ -97,6 +101,41 @@ class Leg:
 
 
 @dataclass(eq=False)
+class Consult:
+    """An attended transfer in progress (`call.consult`): `transferee` holds with music while
+    `initiator` talks to `recipient`; it ends completed, cancelled, failed, or as a conference."""
+
+    transfer_id: str
+    initiator: str  # the agent's leg
+    transferee: str  # the customer's leg, on hold
+    recipient: str  # the consulted party's leg
+    target: dict[str, str]
+    answered: bool = False
+    cancelled: bool = False  # call.consult_cancel asked for it
+
+
+@dataclass(eq=False)
+class Supervision:
+    """A supervisor's leg on the call of an agent's leg, in `mode` (listen, whisper, barge)."""
+
+    supervisor_id: str
+    leg: str
+    target: str  # the agent's leg
+    mode: str
+    started: bool = False  # the supervisor's phone answered
+
+
+@dataclass(eq=False)
+class CallRecording:
+    """The conversation's recording: one mixed WAV file at `path` (`url` relative to the data dir)."""
+
+    id: str
+    path: str
+    url: str
+    started_at: float
+
+
+@dataclass(eq=False)
 class Conversation:
     """The legs of one call and how it went."""
 
@@ -113,6 +152,11 @@ class Conversation:
     max_duration_s: float | None = None
     queue_id: str | None = None  # the ACD queue the caller waits in (None once connected or routed away)
     a_leg: str | None = None  # the leg that started it: the inbound caller, or the agent of call.originate
+    edges: set[tuple[str, str]] = field(default_factory=set)  # (listener, source): who hears whom now
+    consult: Consult | None = None
+    supervision: Supervision | None = None
+    recording: CallRecording | None = None
+    conference: set[str] = field(default_factory=set)  # the legs of a three-way call (call.conference)
 
     def move(self, state: ConversationState) -> None:
         if state not in CONVERSATION_TRANSITIONS[self.state]:

@@ -171,6 +171,20 @@ class CallRetrieved(CallEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class CallMuted(CallEvent):
+    """The leg's audio no longer reaches the other parties (a supervisor still hears it); it still hears."""
+
+    type: ClassVar[str] = "call.muted"
+
+
+@dataclass(frozen=True, slots=True)
+class CallUnmuted(CallEvent):
+    """The leg is heard again."""
+
+    type: ClassVar[str] = "call.unmuted"
+
+
+@dataclass(frozen=True, slots=True)
 class CallDtmf(CallEvent):
     """A key pressed on a leg: an RFC 4733 telephone-event or a SIP INFO (application/dtmf-relay)."""
 
@@ -234,6 +248,130 @@ class TransferCompleted(TransferEvent):
     """The initiator is out of the call and the transferred party is on its way to the target (blind)."""
 
     type: ClassVar[str] = "transfer.completed"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferAnswered(TransferEvent):
+    """The consulted party answered (attended flow): initiator and recipient talk, the transferee holds."""
+
+    type: ClassVar[str] = "transfer.answered"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferCancelled(TransferEvent):
+    """The initiator gave the consultation up (`call.consult_cancel`) and is back with the transferee."""
+
+    type: ClassVar[str] = "transfer.cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferFailed(TransferEvent):
+    """The target did not answer, refused, or hung up before the transfer completed."""
+
+    type: ClassVar[str] = "transfer.failed"
+    reason: str = ""
+
+
+PARTICIPANT_REASONS: Final = ("conference", "joined", "left", "hangup", "ended")
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantEvent(Event):
+    """A leg joining or leaving a conference `room` (a dialplan room, or the conversation id of a
+    three-way call)."""
+
+    subject_kind: ClassVar[str] = "conversation"
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {"role": ROLES, "reason": PARTICIPANT_REASONS}
+    conversation_id: str
+    call_id: str
+    room: str
+    role: str
+    reason: str
+
+    @property
+    def subject(self) -> str:
+        return self.conversation_id
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantJoined(ParticipantEvent):
+    type: ClassVar[str] = "participant.joined"
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantLeft(ParticipantEvent):
+    type: ClassVar[str] = "participant.left"
+
+
+SUPERVISION_MODES: Final = ("listen", "whisper", "barge")
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisionEvent(Event):
+    """A supervisor (`supervisor_id`, on leg `supervisor_call`) on the call of `target_call` (the agent's
+    leg) in `mode`: `listen` hears both, `whisper` is heard by the agent only, `barge` by everyone."""
+
+    subject_kind: ClassVar[str] = "conversation"
+    value_sets: ClassVar[Mapping[str, tuple[str, ...]]] = {"mode": SUPERVISION_MODES}
+    conversation_id: str
+    supervisor_id: str
+    supervisor_call: str
+    target_call: str
+    mode: str
+
+    @property
+    def subject(self) -> str:
+        return self.conversation_id
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisionStarted(SupervisionEvent):
+    type: ClassVar[str] = "supervision.started"
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisionModeChanged(SupervisionEvent):
+    type: ClassVar[str] = "supervision.mode_changed"
+    previous_mode: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisionEnded(SupervisionEvent):
+    type: ClassVar[str] = "supervision.ended"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingEvent(Event):
+    """A recording of the conversation: the mixed audio of its parties in one WAV file. `url` is the
+    file's path under the node's data directory (`recordings/…`)."""
+
+    subject_kind: ClassVar[str] = "conversation"
+    conversation_id: str
+    recording_id: str
+    url: str
+    duration_s: float = 0.0
+
+    @property
+    def subject(self) -> str:
+        return self.conversation_id
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingStarted(RecordingEvent):
+    type: ClassVar[str] = "recording.started"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingStopped(RecordingEvent):
+    type: ClassVar[str] = "recording.stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingAvailable(RecordingEvent):
+    """The file is closed and complete (its WAV header written): it can be fetched."""
+
+    type: ClassVar[str] = "recording.available"
+    size_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,6 +122,50 @@ class Unbridge(Command):
 
 
 @dataclass(frozen=True)
+class Listen(Command):
+    """One-way audio: ``leg`` hears ``source`` (``source`` does not hear ``leg`` unless told so).
+
+    The building block of supervision (listen, whisper, barge), mute and conferences: a leg hears the mix
+    of every leg it listens to. Idempotent: the result's ``connected`` says whether audio flows now.
+    """
+
+    type: ClassVar[str] = "listen"
+    leg: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Unlisten(Command):
+    """Undo :class:`Listen`: ``leg`` no longer hears ``source``. Idempotent: result ``was_listening``."""
+
+    type: ClassVar[str] = "unlisten"
+    leg: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Record(Command):
+    """Record the mix of ``legs`` into the WAV file ``path`` (absolute; 16-bit PCM at the bridge's rate).
+
+    ``recording`` is the controller's id. Sent again for a running recording, it adds the legs it does not
+    hold yet (a party joining a recorded call); ``path`` must then be the same.
+    """
+
+    type: ClassVar[str] = "record"
+    recording: str
+    path: str
+    legs: list[str]
+
+
+@dataclass(frozen=True)
+class StopRecord(Command):
+    """Close recording ``recording``; the result has ``path`` and ``duration_s``. Idempotent: ``stopped``."""
+
+    type: ClassVar[str] = "stop_record"
+    recording: str
+
+
+@dataclass(frozen=True)
 class Hangup(Command):
     """End a leg: BYE when confirmed, CANCEL when outgoing and early, final response when incoming.
 
@@ -327,6 +371,10 @@ COMMAND_TYPES: Final[dict[str, type[Command]]] = {
         Originate,
         Bridge,
         Unbridge,
+        Listen,
+        Unlisten,
+        Record,
+        StopRecord,
         Hangup,
         Play,
         StopPlay,

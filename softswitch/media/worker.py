@@ -69,19 +69,23 @@ from softswitch.media.protocol import (
     LegIncoming,
     LegMedia,
     LegState,
+    Listen,
     Originate,
     Ping,
     Play,
     PlayerDone,
     ProtocolError,
+    Record,
     Reject,
     Reply,
     SendDtmf,
     Shutdown,
     StopPlay,
+    StopRecord,
     StopTone,
     Tone,
     Unbridge,
+    Unlisten,
     WorkerReady,
     encode,
 )
@@ -136,6 +140,7 @@ MAX_HEADER_VALUE_LEN: Final = 1024  # per forwarded or added header value: keeps
 MAX_DTMF_DURATION_MS: Final = 60_000  # a longer reported key press is the library's "unknown"
 MAX_PLAY_FILES: Final = 64  # files in one play command (a spoken number is a dozen prompts)
 MAX_DTMF_DIGITS: Final = 32  # digits in one send_dtmf command
+MAX_RECORD_LEGS: Final = 32  # legs mixed into one recording (a room conference at most)
 DTMF_DIGITS: Final = frozenset("0123456789*#ABCDabcd")
 RETRY_AFTER_S: Final = 1  # Retry-After (RFC 3261 §20.33) on the worker's own 503
 #: Headers pjsua writes itself: adding them again would make an invalid request.
@@ -466,7 +471,9 @@ class _Leg:
     reported: bool = False  # leg.state disconnected sent: the controller has forgotten this leg
     disconnected: bool = False  # the library reported DISCONNECTED: never touch `call` again
     media_active: bool = False
-    peers: set[str] = field(default_factory=set)
+    hears: set[str] = field(default_factory=set)  # legs whose audio this leg receives
+    heard_by: set[str] = field(default_factory=set)  # legs that receive this leg's audio
+    recordings: set[str] = field(default_factory=set)  # recordings this leg's audio goes into
     echo: bool = False
     player: Any = None
     player_serial: int = 0
@@ -474,6 +481,17 @@ class _Leg:
     player_connected: bool = False
     player_length_s: float = 0.0  # 2.10 wheels (no onEof2): player.done this long after connecting
     tone: Any = None
+
+
+@dataclass(eq=False)
+class _Recording:
+    """One recorder port: the mix of its legs' audio, written to ``path``."""
+
+    id: str
+    path: str
+    recorder: Any  # pj.AudioMediaRecorder; dropping it closes the file
+    started: float
+    legs: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -508,6 +526,7 @@ class Worker:
         self._from_accounts: collections.OrderedDict[str, _Account] = collections.OrderedDict()
         self._account_refs: collections.Counter[int] = collections.Counter()
         self._media_dirty: set[str] = set()
+        self._recordings: dict[str, _Recording] = {}
         self._dead: list[str] = []
         self._player_eofs: collections.deque[tuple[str, int]] = collections.deque()
         self._stopping = False
@@ -655,6 +674,7 @@ class Worker:
         if ep is not None:
             self._hangup_all()
             self._reap()
+            self._recordings.clear()  # closes the files (the WAV header is written on close)
             for leg in self._legs.values():
                 leg.player = None
                 leg.tone = None
@@ -768,10 +788,15 @@ class Worker:
             leg = self._legs.pop(leg_id, None)
             if leg is None:
                 continue
-            for peer_id in leg.peers:
-                peer = self._legs.get(peer_id)
-                if peer is not None:
-                    peer.peers.discard(leg_id)
+            for other_id in leg.hears | leg.heard_by:
+                other = self._legs.get(other_id)
+                if other is not None:
+                    other.hears.discard(leg_id)
+                    other.heard_by.discard(leg_id)
+            for recording_id in leg.recordings:
+                recording = self._recordings.get(recording_id)
+                if recording is not None:
+                    recording.legs.discard(leg_id)
             leg.player = None
             leg.tone = None
             self._account_refs[leg.account_id] -= 1
@@ -899,14 +924,22 @@ class Worker:
     # ------------------------------------------------------------------------------- media
 
     def _apply_media(self, leg: _Leg) -> None:
-        """(Re)connect what the leg should hear in the bridge: peers, itself, its player or tone."""
+        """(Re)connect the leg in the bridge: what it hears (other legs, itself, its player or tone), who
+        hears it, and the recordings it goes into."""
         media = leg.call.getAudioMedia(-1)
-        for peer_id in leg.peers:
-            peer = self._legs.get(peer_id)
-            if peer is not None and peer.media_active and not peer.disconnected:
-                other = peer.call.getAudioMedia(-1)
-                media.startTransmit(other)
-                other.startTransmit(media)
+        for other_id in leg.hears | leg.heard_by:
+            other = self._legs.get(other_id)
+            if other is None or not other.media_active or other.disconnected:
+                continue
+            other_media = other.call.getAudioMedia(-1)
+            if other_id in leg.hears:
+                other_media.startTransmit(media)
+            if other_id in leg.heard_by:
+                media.startTransmit(other_media)
+        for recording_id in leg.recordings:
+            recording = self._recordings.get(recording_id)
+            if recording is not None:
+                media.startTransmit(recording.recorder)
         if leg.echo:
             media.startTransmit(media)
         if leg.player is not None:
@@ -1074,8 +1107,9 @@ class Worker:
         a, b = self._leg(cmd.a), self._leg(cmd.b)
         if a is b:
             raise _fail("invalid_argument", "a leg cannot be bridged with itself: use echo")
-        a.peers.add(b.id)
-        b.peers.add(a.id)
+        for x, y in ((a, b), (b, a)):
+            x.hears.add(y.id)
+            y.heard_by.add(x.id)
         connected = a.media_active and b.media_active
         if connected:
             self._apply_media(a)
@@ -1089,15 +1123,80 @@ class Worker:
                 media = a.call.getAudioMedia(-1)
                 media.stopTransmit(media)
             return {"was_bridged": was_echoing}
-        if b.id not in a.peers:
-            return {"was_bridged": False}  # undoing what is not there is not an error: tear-down races
-        a.peers.discard(b.id)
-        b.peers.discard(a.id)
-        if a.media_active and b.media_active:
-            am, bm = a.call.getAudioMedia(-1), b.call.getAudioMedia(-1)
-            am.stopTransmit(bm)
-            bm.stopTransmit(am)
-        return {"was_bridged": True}
+        # Undoing what is not there is not an error (tear-down races); either direction counts.
+        was = self._unlisten(a, b) | self._unlisten(b, a)
+        return {"was_bridged": was}
+
+    def _unlisten(self, leg: _Leg, source: _Leg) -> bool:
+        """``leg`` stops hearing ``source``; whether it did."""
+        if source.id not in leg.hears:
+            return False
+        leg.hears.discard(source.id)
+        source.heard_by.discard(leg.id)
+        if leg.media_active and source.media_active:
+            source.call.getAudioMedia(-1).stopTransmit(leg.call.getAudioMedia(-1))
+        return True
+
+    def _cmd_listen(self, cmd: Listen) -> dict[str, Any]:
+        """One-way: ``leg`` hears ``source`` (RFC 7667 §3.7 mixer, per-receiver mix)."""
+        leg, source = self._leg(cmd.leg), self._leg(cmd.source)
+        if leg is source:
+            raise _fail("invalid_argument", "a leg cannot listen to itself: use echo")
+        leg.hears.add(source.id)
+        source.heard_by.add(leg.id)
+        connected = leg.media_active and source.media_active
+        if connected:
+            source.call.getAudioMedia(-1).startTransmit(leg.call.getAudioMedia(-1))
+        return {"connected": connected}
+
+    def _cmd_unlisten(self, cmd: Unlisten) -> dict[str, Any]:
+        return {"was_listening": self._unlisten(self._leg(cmd.leg), self._leg(cmd.source))}
+
+    def _cmd_record(self, cmd: Record) -> dict[str, Any]:
+        """A recorder port in the bridge that every named leg transmits to: one mixed WAV file."""
+        if not cmd.recording or len(cmd.recording) > MAX_LEG_ID_LEN:
+            raise _fail("invalid_argument", f"recording id must be 1-{MAX_LEG_ID_LEN} characters")
+        if not cmd.legs or len(cmd.legs) > MAX_RECORD_LEGS:
+            raise _fail("invalid_argument", f"legs must name 1-{MAX_RECORD_LEGS} legs")
+        legs = [self._leg(leg_id) for leg_id in cmd.legs]
+        recording = self._recordings.get(cmd.recording)
+        if recording is None:
+            if not os.path.isabs(cmd.path) or not cmd.path.endswith(".wav"):
+                raise _fail("invalid_argument", f"{cmd.path!r} is not an absolute path to a .wav file")
+            if not os.path.isdir(os.path.dirname(cmd.path)):
+                raise _fail("invalid_argument", f"the directory of {cmd.path!r} does not exist")
+            recorder = pj.AudioMediaRecorder()
+            try:
+                recorder.createRecorder(cmd.path)
+            except pj.Error as exc:
+                raise _fail("invalid_argument", f"cannot record to {cmd.path!r}: {exc.reason}") from None
+            recording = _Recording(cmd.recording, cmd.path, recorder, time.monotonic())
+            self._recordings[recording.id] = recording
+        elif cmd.path != recording.path:
+            raise _fail("invalid_argument", f"recording {cmd.recording!r} writes to {recording.path!r}")
+        for leg in legs:
+            if leg.id in recording.legs:
+                continue
+            recording.legs.add(leg.id)
+            leg.recordings.add(recording.id)
+            if leg.media_active:
+                leg.call.getAudioMedia(-1).startTransmit(recording.recorder)
+        return {"path": recording.path, "legs": sorted(recording.legs)}
+
+    def _cmd_stop_record(self, cmd: StopRecord) -> dict[str, Any]:
+        recording = self._recordings.pop(cmd.recording, None)
+        if recording is None:
+            return {"stopped": False}
+        for leg_id in recording.legs:
+            leg = self._legs.get(leg_id)
+            if leg is not None:
+                leg.recordings.discard(recording.id)
+        recording.recorder = None  # destroys the port: the library writes the WAV header and closes the file
+        return {
+            "stopped": True,
+            "path": recording.path,
+            "duration_s": round(time.monotonic() - recording.started, 3),
+        }
 
     def _cmd_hangup(self, cmd: Hangup) -> dict[str, Any]:
         """BYE (§15.1.1) when answered, CANCEL (§9.1) when outgoing and unanswered, else a final response."""
@@ -1219,6 +1318,10 @@ class Worker:
         Originate: _cmd_originate,
         Bridge: _cmd_bridge,
         Unbridge: _cmd_unbridge,
+        Listen: _cmd_listen,
+        Unlisten: _cmd_unlisten,
+        Record: _cmd_record,
+        StopRecord: _cmd_stop_record,
         Hangup: _cmd_hangup,
         Play: _cmd_play,
         StopPlay: _cmd_stop_play,

@@ -204,3 +204,22 @@ def measure_tone(path: Path) -> ToneMeasurement:
         dominant_hz=dominant,
         dominance=lobe / total if total > 0 else 0.0,
     )
+
+
+def tone_levels(
+    path: Path, frequencies: Sequence[float], start_s: float, end_s: float
+) -> dict[float, float]:
+    """The amplitude (full scale 1.0) of each of ``frequencies`` in the stretch ``start_s``..``end_s`` of a
+    recording, averaged over ANALYSIS_WINDOW_S blocks: a mix of tones shows each of them (unlike
+    :func:`measure_tone`, which finds the one dominant tone), and silence shows none."""
+    recording = read_wav(path)
+    rate = recording.rate_hz
+    segment = recording.samples[int(start_s * rate) : int(end_s * rate)]
+    size = max(1, int(rate * ANALYSIS_WINDOW_S))
+    blocks = [segment[i : i + size] for i in range(0, len(segment) - size + 1, size)]
+    if not blocks:
+        raise AudioError(f"{path}: nothing recorded between {start_s:.2f} s and {end_s:.2f} s")
+    # A sine of amplitude A over a whole block has Goertzel power A²/4 (see goertzel_power).
+    return {
+        f: sum(2.0 * math.sqrt(goertzel_power(b, rate, f)) for b in blocks) / len(blocks) for f in frequencies
+    }

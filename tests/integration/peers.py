@@ -48,6 +48,8 @@ BARESIP_MAX_CALLS = 4  # call_max_calls: tests never hold more on one phone
 NETSTRING_MAX_LEN = 1_000_000  # a ctrl_tcp message larger than this is a framing error, not data
 REGINFO_POLL_S = 0.1  # registration on loopback completes in milliseconds; poll often, cheaply
 RECORDING_SETTLE_S = 2.0  # libsndfile finalises the WAV header when the call's audio stream closes
+WAV_HEADER_BYTES = 44  # the canonical RIFF/WAVE header libsndfile writes
+WAV_RATE_HZ = 8_000  # the phones speak PCMU: sndfile records the decoder output at 8 kHz, 16-bit mono
 
 _handed_out: set[int] = set()
 _handed_out_lock = threading.Lock()
@@ -891,6 +893,15 @@ class Baresip:
             if time.monotonic() > deadline:
                 raise PeerError(f"baresip {self.name}: no finished *-{suffix}.wav in {self.rec_dir}")
             time.sleep(0.2)
+
+    def heard_s(self) -> float:
+        """Seconds of audio this phone has decoded so far on its current call (the size of the
+        ``*-dec.wav`` being written: 16-bit mono at 8 kHz after a 44-byte header); a mark to cut the
+        recording at, since the file grows only while audio arrives."""
+        files = sorted(self.rec_dir.glob("dump-*-dec.wav"), key=lambda p: p.stat().st_mtime)
+        if not files:
+            return 0.0
+        return max(0, files[-1].stat().st_size - WAV_HEADER_BYTES) / (2 * WAV_RATE_HZ)
 
     def received_wav(self, timeout_s: float = RECORDING_SETTLE_S + 3.0) -> Path:
         """The recording of what this phone heard on its last call (sndfile's ``*-dec.wav``, the decoder

@@ -1,0 +1,238 @@
+"""Mid-call control, proven by what each party hears.
+
+Four baresip phones registered to a running softswitch, each sending its own tone: the customer (1003,
+440 Hz) calls the support queue, agent 8001 answers on 1001 (660 Hz), supervisor 8002 uses 1002 (880 Hz),
+and 1004 (1100 Hz) is the party the agent consults. Every operation is an MQTT command. Between two
+commands each phone's recording is marked; afterwards each stretch is analysed by frequency (Goertzel),
+so each phase states exactly who hears whom:
+
+talk → monitor listen → whisper → barge → supervisor hangs up → mute → unmute (recorded) → consult →
+three-way conference → the agent leaves the conference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import wave
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.audio import make_tone, tone_levels
+from tests.integration.conftest import PhoneFactory
+from tests.integration.helpers import running_softswitch
+from tests.integration.peers import Baresip
+from tests.integration.test_cti_mqtt import commander
+from tests.integration.test_mqtt_sink import assert_valid_and_gap_free, collecting
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "softswitch/v1/default"
+CUSTOMER_HZ, AGENT_HZ, SUPERVISOR_HZ, TARGET_HZ = 440.0, 660.0, 880.0, 1100.0
+TONES = (CUSTOMER_HZ, AGENT_HZ, SUPERVISOR_HZ, TARGET_HZ)
+NAMES = {CUSTOMER_HZ: "customer", AGENT_HZ: "agent", SUPERVISOR_HZ: "supervisor", TARGET_HZ: "target"}
+AGENTS_TOML = """
+[[agents]]
+id = "8001"
+password = "demo8001"
+extension = "1001"
+queues = ["support"]
+wrap_up_s = 1
+
+[[agents]]
+id = "8002"
+password = "demo8002"
+extension = "1002"
+role = "supervisor"
+team = ["8001"]
+"""
+PHASE_S = 2.5  # audio per phase: ten 0.25 s analysis blocks
+SETTLE_S = 0.6  # after a command took effect, before a phase starts: media paths switch, jitter buffers fill
+EDGE_S = 0.3  # trimmed from each end of a phase's stretch of recording
+HEARD = 0.08  # amplitude (full scale 1.0) above which a party hears a tone; the phones send 0.5
+SILENT = 0.02  # amplitude below which it does not (leakage and noise sit well under this)
+EVENT_TIMEOUT_S = 15.0
+
+
+@dataclass
+class Phase:
+    name: str
+    marks: dict[str, tuple[float, float]]  # phone name -> (start, end) second in its recording
+    expected: dict[str, set[float]]  # phone name -> the tones it must hear (all others: silent)
+
+
+class Parties:
+    def __init__(self, phones: dict[str, Baresip]) -> None:
+        self.phones = phones
+        self.phases: list[Phase] = []
+
+    async def phase(self, name: str, expected: dict[str, set[float]]) -> None:
+        """Let PHASE_S of audio pass and remember where it sits in each listed phone's recording."""
+        await asyncio.sleep(SETTLE_S)
+        start = {p: self.phones[p].heard_s() for p in expected}
+        await asyncio.sleep(PHASE_S)
+        end = {p: self.phones[p].heard_s() for p in expected}
+        self.phases.append(Phase(name, {p: (start[p], end[p]) for p in expected}, expected))
+
+    def check(self) -> None:
+        recordings = {name: phone.received_wav() for name, phone in self.phones.items()}
+        problems: list[str] = []
+        table: list[str] = []  # every measurement, for the failure message
+        for phase in self.phases:
+            for party, (start, end) in phase.marks.items():
+                if end - start < PHASE_S / 2:
+                    # No audio came (a silent stream sends no RTP: voice activity detection); right only
+                    # where the party is to hear nobody.
+                    if phase.expected[party]:
+                        problems.append(f"{phase.name}: {party} received only {end - start:.2f} s of audio")
+                    continue
+                levels = tone_levels(recordings[party], TONES, start + EDGE_S, end - EDGE_S)
+                heard = ", ".join(f"{NAMES[t]} {v:.3f}" for t, v in levels.items())
+                table.append(f"{phase.name:>22} {party:>10} hears: {heard}")
+                for tone, level in levels.items():
+                    if tone in phase.expected[party] and level < HEARD:
+                        problems.append(
+                            f"{phase.name}: {party} does not hear the {NAMES[tone]} ({level:.3f})"
+                        )
+                    if tone not in phase.expected[party] and level > SILENT:
+                        problems.append(f"{phase.name}: {party} hears the {NAMES[tone]} ({level:.3f})")
+        assert not problems, "\n".join([*problems, "", *table])
+
+
+def _types(events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"] for e in events]
+
+
+def _has(event_type: str, **data: Any) -> Callable[[list[dict[str, Any]]], bool]:
+    def done(events: list[dict[str, Any]]) -> bool:
+        return any(
+            e["type"] == event_type and all(e["data"].get(k) == v for k, v in data.items()) for e in events
+        )
+
+    return done
+
+
+@pytest.mark.timeout(240)
+async def test_who_hears_whom_through_supervision_mute_consult_and_conference(
+    tmp_path: Path, phones: PhoneFactory
+) -> None:
+    tones = {hz: make_tone(tmp_path / f"tone-{int(hz)}.wav", hz) for hz in TONES}
+    with running_softswitch(tmp_path / "node", AGENTS_TOML) as node:
+        assert node.mqtt_port is not None
+        port = node.sip_port
+        parties = Parties(
+            {
+                "agent": phones.start("1001", tones[AGENT_HZ], registrar_port=port),
+                "supervisor": phones.start("1002", tones[SUPERVISOR_HZ], registrar_port=port),
+                "customer": phones.start("1003", tones[CUSTOMER_HZ], registrar_port=port),
+                "target": phones.start("1004", tones[TARGET_HZ], registrar_port=port),
+            }
+        )
+        for phone in parties.phones.values():
+            await asyncio.to_thread(phone.wait_registered)
+        customer, supervisor = parties.phones["customer"], parties.phones["supervisor"]
+        async with (
+            collecting(node.mqtt_port, f"{PREFIX}/#") as collector,
+            commander(node.mqtt_port, v5=False) as app,
+        ):
+
+            async def ok(command: str, body: dict[str, Any]) -> dict[str, Any]:
+                reply = await app.call(command, body)
+                assert reply["ok"], (command, reply)
+                data: dict[str, Any] = reply["data"]
+                return data
+
+            async def until(event_type: str, **data: Any) -> list[dict[str, Any]]:
+                return await collector.until(_has(event_type, **data), EVENT_TIMEOUT_S)
+
+            await ok("agent.login", {"agent_id": "8002", "password": "demo8002", "state": "not_ready"})
+            await ok("agent.login", {"agent_id": "8001", "password": "demo8001"})
+            await until("agent.state_changed", agent_id="8001", state="ready")
+            await asyncio.to_thread(customer.dial, f"sip:8000@127.0.0.1:{port}")
+            await until("agent.state_changed", agent_id="8001", state="busy")
+            await until("call.bridged", role="caller")
+
+            agent_only = {"customer": {AGENT_HZ}, "agent": {CUSTOMER_HZ}}
+            await parties.phase("talk", agent_only)
+
+            monitor = {"supervisor_id": "8002", "agent_id": "8001"}
+            started = await ok("call.monitor", {**monitor, "mode": "listen"})
+            await until("supervision.started", mode="listen")
+            both = {CUSTOMER_HZ, AGENT_HZ}
+            await parties.phase("listen", {**agent_only, "supervisor": both})
+            await ok("call.monitor", {**monitor, "mode": "whisper"})
+            await until("supervision.mode_changed", mode="whisper")
+            await parties.phase(
+                "whisper",
+                {"customer": {AGENT_HZ}, "agent": {CUSTOMER_HZ, SUPERVISOR_HZ}, "supervisor": both},
+            )
+            await ok("call.monitor", {**monitor, "mode": "barge"})
+            await until("supervision.mode_changed", mode="barge")
+            await parties.phase(
+                "barge",
+                {
+                    "customer": {AGENT_HZ, SUPERVISOR_HZ},
+                    "agent": {CUSTOMER_HZ, SUPERVISOR_HZ},
+                    "supervisor": both,
+                },
+            )
+            await asyncio.to_thread(supervisor.hangup)
+            await until("supervision.ended", supervisor_call=started["supervisor_call"])
+
+            await ok("call.mute", {"agent_id": "8001"})
+            await until("call.muted", role="agent")
+            await parties.phase("muted", {"customer": set(), "agent": {CUSTOMER_HZ}})
+            await ok("call.unmute", {"agent_id": "8001"})
+            recording = await ok("call.record", {"agent_id": "8001", "action": "start"})
+            await parties.phase("unmuted", agent_only)
+            await ok("call.record", {"agent_id": "8001", "action": "stop"})
+            available = await until("recording.available", recording_id=recording["recording_id"])
+
+            consult = await ok("call.consult", {"agent_id": "8001", "target": {"kind": "user", "id": "1004"}})
+            await until("transfer.answered", transfer_id=consult["transfer_id"])
+            # The customer hears music on hold (its own notes, none of the parties' tones).
+            await parties.phase("consult", {"customer": set(), "agent": {TARGET_HZ}, "target": {AGENT_HZ}})
+            await ok("call.conference", {"agent_id": "8001"})
+            await until("participant.joined", role="consult")
+            await parties.phase(
+                "conference",
+                {
+                    "customer": {AGENT_HZ, TARGET_HZ},
+                    "agent": {CUSTOMER_HZ, TARGET_HZ},
+                    "target": {CUSTOMER_HZ, AGENT_HZ},
+                },
+            )
+            await ok("call.conference_leave", {"agent_id": "8001"})
+            await until("participant.left", role="agent", reason="left")
+            await parties.phase("after the agent left", {"customer": {TARGET_HZ}, "target": {CUSTOMER_HZ}})
+            await until("agent.state_changed", agent_id="8001", state="wrap_up")
+
+            await asyncio.to_thread(customer.hangup)
+            events = await until("conversation.ended")
+
+    parties.check()
+    assert_valid_and_gap_free(events)
+    call_events = _types(events)
+    for expected in (
+        "supervision.started", "supervision.mode_changed", "supervision.ended", "call.muted", "call.unmuted",
+        "recording.started", "recording.stopped", "recording.available", "transfer.initiated",
+        "transfer.answered", "call.held", "call.retrieved", "participant.joined", "participant.left",
+    ):  # fmt: skip
+        assert expected in call_events, (expected, call_events)
+    # The recording: a WAV under the data directory with the customer and the agent in it.
+    record = next(
+        e["data"] for e in available if e["type"] == "recording.available"
+        and e["data"]["recording_id"] == recording["recording_id"]
+    )  # fmt: skip
+    assert record["url"] == recording["url"] and record["size_bytes"] > 0, record
+    path = node.data_dir / record["url"]
+    with wave.open(str(path), "rb") as wav:
+        assert (wav.getframerate(), wav.getsampwidth(), wav.getnchannels()) == (8000, 2, 1)
+        seconds = wav.getnframes() / wav.getframerate()
+    assert abs(seconds - record["duration_s"]) < 1.0, (seconds, record)
+    levels = tone_levels(path, TONES, EDGE_S, seconds - EDGE_S)
+    assert levels[CUSTOMER_HZ] > HEARD and levels[AGENT_HZ] > HEARD, levels
+    assert levels[SUPERVISOR_HZ] < SILENT and levels[TARGET_HZ] < SILENT, levels
