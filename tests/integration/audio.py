@@ -206,9 +206,7 @@ def measure_tone(path: Path) -> ToneMeasurement:
     )
 
 
-def tone_levels(
-    path: Path, frequencies: Sequence[float], start_s: float, end_s: float
-) -> dict[float, float]:
+def tone_levels(path: Path, frequencies: Sequence[float], start_s: float, end_s: float) -> dict[float, float]:
     """The amplitude (full scale 1.0) of each of ``frequencies`` in the stretch ``start_s``..``end_s`` of a
     recording, averaged over ANALYSIS_WINDOW_S blocks: a mix of tones shows each of them (unlike
     :func:`measure_tone`, which finds the one dominant tone), and silence shows none."""

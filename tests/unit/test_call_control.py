@@ -4,6 +4,7 @@ in tests/integration/test_media_*.py and through the B2BUA end to end)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,13 @@ import pytest
 
 from softswitch.calls.control import CallControl, caller_response, final_status
 from softswitch.cti.agents import Device
+from softswitch.cti.commands import CallControlRequest, MonitorRequest, RecordRequest, TransferRequest
 from softswitch.cti.core import ConnectCaller, OfferCall
+from softswitch.cti.errors import INVALID_STATE, NOT_SUPPORTED
+from softswitch.cti.errors import CommandError as CtiError
 from softswitch.dialplan import actions
 from softswitch.events.bus import EventBus
-from softswitch.events.types import CallDtmf, CallEnded, ConversationEnded, Event
+from softswitch.events.types import CallDtmf, CallEnded, ConversationEnded, Event, ParticipantJoined
 from softswitch.media.protocol import (
     Answer,
     Bridge,
@@ -33,6 +37,7 @@ from softswitch.media.protocol import (
     StopPlay,
     StopTone,
     Tone,
+    Unbridge,
 )
 from softswitch.media.protocol import Event as MediaEvent
 from softswitch.prompts import PromptError, PromptSet
@@ -511,3 +516,153 @@ async def test_a_worker_dying_under_a_ringing_offer_is_no_missed_offer() -> None
     await f.state("w1-1", "disconnected", 500, "media worker died", by="system")
     assert ("failed", "8001") not in queues.reports  # the agent is not made not_ready for it
     assert ("gone",) in queues.reports
+
+
+# -- mid-call control: who hears whom is the conversation's `edges` (listener, source) -----------------
+
+
+async def _talking(f: Fixture) -> tuple[str, str, str]:
+    """A call from 1001 (leg w1-1, the customer here) answered by 1002 (the agent's leg); returns the
+    conversation id and both legs, commands and events cleared."""
+    b = await dial(f)
+    await f.state(b, "confirmed", 200)
+    await f.state("w1-1", "confirmed", 200)
+    f.media.take()
+    f.events.clear()
+    [conversation] = f.control.conversations
+    return conversation, "w1-1", b
+
+
+def _edges(f: Fixture, conversation: str) -> set[tuple[str, str]]:
+    return f.control.conversations[conversation].edges
+
+
+def _both(a: str, b: str) -> set[tuple[str, str]]:
+    return {(a, b), (b, a)}
+
+
+async def _consulting(f: Fixture) -> tuple[str, str, str, str]:
+    conversation, customer, agent = await _talking(f)
+    result = await f.control.execute(
+        TransferRequest("call.consult", None, None, None, None, agent, "user", "1004")
+    )
+    target = result["recipient_call"]
+    commands = f.media.take()
+    assert commands[0] == Unbridge(a=agent, b=customer)
+    assert isinstance(commands[1], Play) and _names(commands[1]) == ["music_on_hold"]
+    assert isinstance(commands[2], Originate) and commands[2].uri == "sip:1004@127.0.0.1"
+    await f.state(target, "ringing", 180)
+    assert f.media.take() == [Tone(leg=agent, kind="ringback")]
+    await f.state(target, "confirmed", 200)
+    assert f.media.take() == [StopTone(leg=agent), Bridge(a=agent, b=target)]
+    assert _edges(f, conversation) == _both(agent, target)
+    return conversation, customer, agent, target
+
+
+async def test_consult_then_transfer_complete_leaves_customer_and_target_talking() -> None:
+    f = Fixture()
+    conversation, customer, agent, target = await _consulting(f)
+    await f.control.execute(CallControlRequest("call.transfer_complete", None, None, None, None, agent))
+    assert _edges(f, conversation) == _both(customer, target)
+    assert f.media.take()[-1] == Hangup(leg=agent)
+    await f.state(agent, "disconnected", 200, by="local")
+    assert conversation in f.control.conversations  # the agent's end ended nobody else
+    assert [t for t in f.types() if t.startswith("transfer.")] == [
+        "transfer.initiated", "transfer.answered", "transfer.completed"
+    ]  # fmt: skip
+    await f.state(customer, "disconnected", 200, by="remote")
+    assert f.media.take() == [Hangup(leg=target)]
+    await f.state(target, "disconnected", 200, by="local")
+    assert not f.control.conversations
+
+
+@pytest.mark.parametrize("how", ["busy", "cancel"])
+async def test_a_consult_that_fails_or_is_cancelled_brings_the_customer_back(how: str) -> None:
+    f = Fixture()
+    conversation, customer, agent = await _talking(f)
+    result = await f.control.execute(
+        TransferRequest("call.consult", None, None, None, None, agent, "user", "1004")
+    )
+    target = result["recipient_call"]
+    f.media.take()
+    if how == "cancel":
+        await f.control.execute(CallControlRequest("call.consult_cancel", None, None, None, None, agent))
+        assert f.media.take() == [Hangup(leg=target)]
+        await f.state(target, "disconnected", 487, by="local")
+    else:
+        await f.state(target, "disconnected", 486, "Busy Here", by="remote")
+    assert f.media.take() == [StopTone(leg=agent), StopPlay(leg=customer), Bridge(a=agent, b=customer)]
+    assert _edges(f, conversation) == _both(agent, customer)
+    expected = "transfer.cancelled" if how == "cancel" else "transfer.failed"
+    assert [t for t in f.types() if t.startswith("transfer.")] == ["transfer.initiated", expected]
+    assert "call.retrieved" in f.types()
+
+
+async def test_the_agent_hanging_up_during_an_answered_consult_completes_the_transfer() -> None:
+    f = Fixture()
+    conversation, customer, agent, target = await _consulting(f)
+    await f.state(agent, "disconnected", 200, by="remote")
+    assert f.media.take() == [StopPlay(leg=customer), Bridge(a=customer, b=target)]
+    assert _edges(f, conversation) == _both(customer, target)
+    assert "transfer.completed" in f.types()
+
+
+async def test_a_three_way_call_goes_on_until_two_parties_left() -> None:
+    f = Fixture()
+    conversation, customer, agent, target = await _consulting(f)
+    result = await f.control.execute(CallControlRequest("call.conference", None, None, None, None, agent))
+    assert sorted(result["participants"]) == sorted([customer, agent, target])
+    assert _edges(f, conversation) == _both(customer, agent) | _both(customer, target) | _both(agent, target)
+    await f.state(target, "disconnected", 200, by="remote")  # one hangs up: the other two talk on
+    assert _edges(f, conversation) == _both(customer, agent)
+    assert f.control.legs[customer].peer == agent
+    await f.state(agent, "disconnected", 200, by="remote")  # then the call ends
+    assert f.media.take()[-1] == Hangup(leg=customer)
+    joined = [e.call_id for e in f.events if isinstance(e, ParticipantJoined)]
+    assert sorted(joined) == sorted([customer, agent, target])
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra"),
+    [("listen", set()), ("whisper", {("AGENT", "SUP")}), ("barge", {("AGENT", "SUP"), ("CUSTOMER", "SUP")})],
+)
+async def test_supervision_modes_and_a_muted_agent(mode: str, extra: set[tuple[str, str]]) -> None:
+    f = Fixture()
+    f.bound.add("1003")
+    conversation, customer, agent = await _talking(f)
+    monitor = MonitorRequest("call.monitor", None, "8002", None, None, agent, "listen", Device("sip", "1003"))
+    sup = (await f.control.execute(monitor))["supervisor_call"]
+    await f.state(sup, "confirmed", 200)
+    listening = {(sup, customer), (sup, agent)}
+    assert _edges(f, conversation) == _both(customer, agent) | listening
+    if mode != "listen":
+        await f.control.execute(dataclasses.replace(monitor, mode=mode))
+    names = {"AGENT": agent, "CUSTOMER": customer, "SUP": sup}
+    wanted = {(names[x], names[y]) for x, y in extra}
+    assert _edges(f, conversation) == _both(customer, agent) | listening | wanted
+    # Muted, the agent is heard by the supervisor only; it still hears everyone.
+    await f.control.execute(CallControlRequest("call.mute", None, None, None, None, agent))
+    heard_agent = {x for x, y in _edges(f, conversation) if y == agent}
+    assert heard_agent == {sup}
+    await f.control.execute(CallControlRequest("call.unmute", None, None, None, None, agent))
+    assert _edges(f, conversation) == _both(customer, agent) | listening | wanted
+    await f.state(sup, "disconnected", 200, by="remote")  # the supervisor leaves: the call goes on
+    assert _edges(f, conversation) == _both(customer, agent)
+    assert conversation in f.control.conversations
+    assert [t for t in f.types() if t.startswith("supervision.")][-1] == "supervision.ended"
+
+
+async def test_commands_in_the_wrong_state_are_refused_with_a_code() -> None:
+    f = Fixture()
+    _conversation, _customer, agent = await _talking(f)
+    for command, code in [
+        (CallControlRequest("call.transfer_complete", None, None, None, None, agent), INVALID_STATE),
+        (CallControlRequest("call.conference", None, None, None, None, agent), INVALID_STATE),
+        (CallControlRequest("call.unmute", None, None, None, None, agent), INVALID_STATE),
+        (RecordRequest("call.record", None, None, None, None, agent, "stop"), INVALID_STATE),
+        (RecordRequest("call.record", None, None, None, None, agent, "start"), NOT_SUPPORTED),
+        (TransferRequest("call.consult", None, None, None, None, agent, "queue", "support"), NOT_SUPPORTED),
+    ]:
+        with pytest.raises(CtiError) as raised:
+            await f.control.execute(command)
+        assert raised.value.code == code, command
