@@ -86,6 +86,7 @@ from softswitch.media.protocol import (
     Hangup,
     LegDtmf,
     LegIncoming,
+    LegMedia,
     Listen,
     Originate,
     Play,
@@ -258,8 +259,48 @@ class CallControl:
             conv = self.conversations.get(leg.conversation_id)
             if conv is not None and conv.queue_id is not None and leg.id == conv.a_leg:
                 self._spawn(self._queue_key(conv, leg, event.digit))
+            elif leg.id not in self._channels:
+                self._relay_dtmf(leg, event.digit)
         elif isinstance(event, PlayerDone):
             self._to_channel(event.leg, event)
+        elif isinstance(event, LegMedia):
+            leg = self.legs.get(event.leg)
+            if leg is not None and event.held != leg.remote_held and (event.held or event.active):
+                self._spawn(self._remote_hold(leg, hold=event.held))
+
+    def _relay_dtmf(self, leg: Leg, digit: str) -> None:
+        """A key pressed on one side of a bridge reaches the other as RFC 4733 telephone-events, whatever
+        way it came in (RFC 4733 or SIP INFO); each worker leg uses the payload type it negotiated."""
+        far = self.legs.get(leg.peer) if leg.peer else None
+        if far is None or far.ended or far.held or far.answered_at is None or far.id in self._channels:
+            return
+        self._spawn(self._send(far.worker_id, SendDtmf(leg=far.id, digits=digit)))
+
+    async def _remote_hold(self, leg: Leg, *, hold: bool) -> None:
+        """The phone of `leg` put the call on hold (re-INVITE with sendonly/inactive) or resumed it: the
+        other party hears music on hold meanwhile (call.held / call.retrieved, by "remote")."""
+        conv = self.conversations.get(leg.conversation_id)
+        if conv is None:
+            return
+        async with self._lock(conv.id):
+            if leg.ended or leg.remote_held == hold:
+                return
+            leg.remote_held = hold
+            far = self.legs.get(leg.peer) if leg.peer else None
+            if far is None or far.ended:
+                return
+            if hold and not far.held:
+                await self._send(leg.worker_id, Unbridge(a=leg.id, b=far.id))
+                music = str(self.prompts.path("music_on_hold"))
+                await self._send(far.worker_id, Play(leg=far.id, files=[music], loop=True))
+                far.held = True
+                self._publish(CallHeld, leg, by="remote")
+            elif not hold and far.held:
+                await self._send(far.worker_id, StopPlay(leg=far.id))
+                await self._send(leg.worker_id, Bridge(a=leg.id, b=far.id))
+                far.held = False
+                self._publish(CallRetrieved, leg, by="remote")
+            log.info("held by the phone" if hold else "resumed by the phone", call_id=leg.id)
 
     def _to_channel(self, leg_id: str, event: Event) -> None:
         channel = self._channels.get(leg_id)

@@ -74,6 +74,7 @@ class Leg:
     peer: str | None = None  # the leg it is bridged with
     agent_id: str | None = None  # a leg that offers a queue caller to this agent's device
     held: bool = False  # split from its peer and hearing music on hold (call.hold)
+    remote_held: bool = False  # its phone put the call on hold (sendonly/inactive re-INVITE)
     muted: bool = False  # its audio reaches no other party but a supervisor (call.mute)
     muted_from: set[str] = field(default_factory=set)  # the legs that heard it before call.mute
     detached: bool = False  # left the call on purpose (transfer, conference leave, a supervisor's leg):

@@ -307,11 +307,13 @@ class LegState(Event):
 
 @dataclass(frozen=True)
 class LegMedia(Event):
-    """Audio media of the leg became active (``True``) or inactive."""
+    """Audio media of the leg became active (``True``) or inactive; ``held`` when it is inactive because
+    the phone put the call on hold (a ``sendonly`` or ``inactive`` offer, RFC 3264 §8.4)."""
 
     type: ClassVar[str] = "leg.media"
     leg: str
     active: bool
+    held: bool = False
 
 
 @dataclass(frozen=True)

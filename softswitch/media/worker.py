@@ -471,6 +471,7 @@ class _Leg:
     reported: bool = False  # leg.state disconnected sent: the controller has forgotten this leg
     disconnected: bool = False  # the library reported DISCONNECTED: never touch `call` again
     media_active: bool = False
+    remote_hold: bool = False  # the phone holds the call (sendonly/inactive)
     hears: set[str] = field(default_factory=set)  # legs whose audio this leg receives
     heard_by: set[str] = field(default_factory=set)  # legs that receive this leg's audio
     recordings: set[str] = field(default_factory=set)  # recordings this leg's audio goes into
@@ -872,7 +873,7 @@ class Worker:
         if state == pj.PJSIP_INV_STATE_CALLING:
             name = "calling"
         elif state == pj.PJSIP_INV_STATE_EARLY:
-            name = "early" if code == 183 or _audio_active(info) else "ringing"
+            name = "early" if code == 183 or _audio_status(info)[0] else "ringing"
         elif state == pj.PJSIP_INV_STATE_CONNECTING:
             name = "connecting"
             leg.answered = True
@@ -903,11 +904,11 @@ class Worker:
         leg = self._legs.get(call.leg_id)
         if leg is None or leg.disconnected:
             return
-        active = _audio_active(call.getInfo())
-        if active != leg.media_active:
-            leg.media_active = active
+        active, held = _audio_status(call.getInfo())
+        if (active, held) != (leg.media_active, leg.remote_hold):
+            leg.media_active, leg.remote_hold = active, held
             if not leg.reported:
-                self._emit(LegMedia(leg.id, active))
+                self._emit(LegMedia(leg.id, active, held))
         if active:
             self._media_dirty.add(leg.id)
 
@@ -1465,13 +1466,19 @@ class _Probe:
         return all(c in self.confirmed for c in outgoing)
 
 
-def _audio_active(info: Any) -> bool:
+def _audio_status(info: Any) -> tuple[bool, bool]:
+    """Whether the call's audio flows both ways, and whether the phone put it on hold (its offer was
+    ``sendonly`` or ``inactive``, RFC 3264 §8.4)."""
     medias = info.media
+    held = False
     for index in range(len(medias)):
         media = medias[index]
-        if media.type == pj.PJMEDIA_TYPE_AUDIO and media.status == pj.PJSUA_CALL_MEDIA_ACTIVE:
-            return True
-    return False
+        if media.type != pj.PJMEDIA_TYPE_AUDIO:
+            continue
+        if media.status == pj.PJSUA_CALL_MEDIA_ACTIVE:
+            return True, False
+        held = held or media.status == pj.PJSUA_CALL_MEDIA_REMOTE_HOLD
+    return False, held
 
 
 def _progress(leg: _Leg) -> str:

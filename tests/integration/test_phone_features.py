@@ -1,0 +1,128 @@
+"""What phones do to a live call with standard SIP, through the B2BUA:
+
+- hold and resume with a re-INVITE (RFC 3264 §8.4: `sendonly`, then `sendrecv`): the other party hears
+  music on hold meanwhile, then the caller again (checked by frequency); `call.held` / `call.retrieved`
+  with `by` "remote";
+- DTMF across the bridge: RFC 4733 keys from either phone reach the other one as RFC 4733;
+- DTMF by SIP INFO (`application/dtmf-relay`, RFC 6086) from a SIPp caller reaches the callee's phone as
+  RFC 4733, and is published as `call.dtmf` with method `info`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.audio import tone_levels
+from tests.integration.conftest import DEMO_PASSWORDS, TONE_A_HZ, TONE_B_HZ, PhoneFactory, Tones
+from tests.integration.helpers import running_softswitch
+from tests.integration.peers import Sipp
+from tests.integration.test_mqtt_sink import assert_valid_and_gap_free, collecting
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "softswitch/v1/default"
+EVENT_TIMEOUT_S = 10.0
+SETTLE_S = 0.8  # after a re-INVITE: the bridge switches, the far end's jitter buffer refills
+PHASE_S = 2.5  # audio analysed per phase
+EDGE_S = 0.3  # trimmed from each end of a phase
+MUSIC_ON_HOLD_HZ = (261.63, 329.63, 392.0, 523.25)  # the notes of the default music on hold (C E G C')
+HEARD = 0.08
+SILENT = 0.02
+INFO_PAUSE_MS = 1500  # the SIPp caller's wait before its INFO, and again before its BYE
+SIPP_TIMEOUT_S = 30.0
+
+
+def _has(event_type: str, **data: Any) -> Any:
+    def done(events: list[dict[str, Any]]) -> bool:
+        return any(
+            e["type"] == event_type and all(e["data"].get(k) == v for k, v in data.items()) for e in events
+        )
+
+    return done
+
+
+@pytest.mark.timeout(120)
+async def test_hold_and_resume_from_a_phone_and_dtmf_across_the_bridge(
+    tmp_path: Path, phones: PhoneFactory, tones: Tones
+) -> None:
+    with running_softswitch(tmp_path / "node") as node:
+        assert node.mqtt_port is not None
+        caller = phones.start("1001", tones.a, registrar_port=node.sip_port)
+        callee = phones.start("1002", tones.b, registrar_port=node.sip_port)
+        for phone in (caller, callee):
+            await asyncio.to_thread(phone.wait_registered)
+        async with collecting(node.mqtt_port, f"{PREFIX}/#") as collector:
+            await asyncio.to_thread(caller.dial, f"sip:1002@127.0.0.1:{node.sip_port}")
+            for phone in (caller, callee):
+                await asyncio.to_thread(phone.wait_event, "CALL_ESTABLISHED", EVENT_TIMEOUT_S)
+            await collector.until(_has("call.bridged"), EVENT_TIMEOUT_S)
+
+            # RFC 4733 both ways: each phone's key reaches the other phone.
+            await asyncio.to_thread(caller.command, "sndcode", "5")
+            heard = await asyncio.to_thread(callee.wait_event, "CALL_DTMF_START", EVENT_TIMEOUT_S)
+            assert heard.param == "5", heard.raw
+            await asyncio.to_thread(callee.command, "sndcode", "8")
+            heard = await asyncio.to_thread(caller.wait_event, "CALL_DTMF_START", EVENT_TIMEOUT_S)
+            assert heard.param == "8", heard.raw
+
+            marks: dict[str, tuple[float, float]] = {}
+
+            async def phase(name: str) -> None:
+                await asyncio.sleep(SETTLE_S)
+                start = callee.heard_s()
+                await asyncio.sleep(PHASE_S)
+                marks[name] = (start, callee.heard_s())
+
+            await phase("talk")
+            await asyncio.to_thread(caller.command, "hold")
+            await collector.until(_has("call.held", by="remote", role="caller"), EVENT_TIMEOUT_S)
+            await phase("held")
+            await asyncio.to_thread(caller.command, "resume")
+            await collector.until(_has("call.retrieved", by="remote", role="caller"), EVENT_TIMEOUT_S)
+            await phase("resumed")
+            await asyncio.to_thread(caller.hangup)
+            events = await collector.until(_has("conversation.ended"), EVENT_TIMEOUT_S)
+
+    recording = callee.received_wav()
+    frequencies = (TONE_A_HZ, TONE_B_HZ, *MUSIC_ON_HOLD_HZ)
+    levels = {
+        name: tone_levels(recording, frequencies, start + EDGE_S, end - EDGE_S)
+        for name, (start, end) in marks.items()
+    }
+    music = {name: sum(level[f] for f in MUSIC_ON_HOLD_HZ) for name, level in levels.items()}
+    assert levels["talk"][TONE_A_HZ] > HEARD and music["talk"] < SILENT * 2, levels["talk"]
+    assert levels["held"][TONE_A_HZ] < SILENT and music["held"] > HEARD, levels["held"]
+    assert levels["resumed"][TONE_A_HZ] > HEARD and music["resumed"] < SILENT * 2, levels["resumed"]
+    assert_valid_and_gap_free(events)
+    dtmf = [
+        (e["data"]["digit"], e["data"]["method"], e["data"]["role"])
+        for e in events
+        if e["type"] == "call.dtmf"
+    ]
+    assert dtmf == [("5", "rfc4733", "caller"), ("8", "rfc4733", "callee")], dtmf
+
+
+@pytest.mark.timeout(90)
+async def test_a_key_sent_by_sip_info_reaches_the_far_phone_as_rfc4733(
+    tmp_path: Path, phones: PhoneFactory, tones: Tones, sipp: Sipp
+) -> None:
+    with running_softswitch(tmp_path / "node") as node:
+        assert node.mqtt_port is not None
+        callee = phones.start("1002", tones.b, registrar_port=node.sip_port)
+        await asyncio.to_thread(callee.wait_registered)
+        async with collecting(node.mqtt_port, f"{PREFIX}/#") as collector:
+            caller = sipp.start(
+                "uac_info_dtmf", node.sip_port, users=[("1001", DEMO_PASSWORDS["1001"])], calls=1,
+                timeout_s=SIPP_TIMEOUT_S, extra_args=["-s", "1002", "-d", str(INFO_PAUSE_MS)],
+            )  # fmt: skip
+            heard = await asyncio.to_thread(callee.wait_event, "CALL_DTMF_START", EVENT_TIMEOUT_S)
+            assert heard.param == "7", heard.raw
+            result = await asyncio.to_thread(caller.wait)
+            assert result.ok and result.successful == 1, result.describe()
+            events = await collector.until(_has("conversation.ended"), EVENT_TIMEOUT_S)
+    dtmf = [(e["data"]["digit"], e["data"]["method"]) for e in events if e["type"] == "call.dtmf"]
+    assert dtmf == [("7", "info")], dtmf
