@@ -125,7 +125,12 @@ def test_envelopes_match_the_documented_shape() -> None:
     cmd = json.loads(encode(Answer("w1-1", id=7)))
     assert cmd == {"v": 1, "kind": "cmd", "id": 7, "type": "answer", "args": {"leg": "w1-1", "code": 200}}
     event = json.loads(encode(LegMedia("w1-1", False)))
-    assert event == {"v": 1, "kind": "event", "type": "leg.media", "data": {"leg": "w1-1", "active": False}}
+    assert event == {
+        "v": 1,
+        "kind": "event",
+        "type": "leg.media",
+        "data": {"leg": "w1-1", "active": False, "held": False},
+    }
     ok = json.loads(encode(Reply.success(7)))
     assert ok == {"v": 1, "kind": "reply", "id": 7, "ok": True, "result": {}}
     failed = json.loads(encode(Reply.failure(7, "capacity", "full")))
