@@ -25,6 +25,8 @@ from softswitch.calls.models import (
     ConversationState,
     Leg,
     LegState,
+    Room,
+    RoomLink,
     Supervision,
     new_conversation_id,
 )
@@ -108,6 +110,10 @@ from softswitch.sip.uri import parse_uri
 
 log = structlog.get_logger(__name__)
 
+#: The user part of a worker-to-worker link's request URI (followed by its one-time token).
+LINK_PREFIX = "link-"
+#: A link is a call on loopback between two of the node's own workers: answered at once or not at all.
+LINK_TIMEOUT_S = 5.0
 #: Seconds a command to a worker may take before the call is failed.
 COMMAND_TIMEOUT_S = 5.0
 #: What a worker reports for an originated leg it cancelled at its ring timeout (RFC 3261 §21.4.9).
@@ -131,6 +137,9 @@ class MediaPlane(Protocol):
 
     def choose(self) -> Any:
         """The worker (with its `id`) a new conversation goes to, or None when every worker is full."""
+
+    def address(self, worker_id: str) -> tuple[str, int] | None:
+        """The SIP host and port of a ready worker."""
 
 
 class QueueService(Protocol):
@@ -222,6 +231,8 @@ class CallControl:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._channels: dict[str, LegChannel] = {}  # legs a dialplan application runs on
+        self.rooms: dict[str, Room] = {}  # conference rooms by number
+        self._links: dict[str, RoomLink] = {}  # room links placed and not yet arrived, by token
         self.queues: QueueService | None = None  # the CTI layer, when the node runs one
         self._reroutes: dict[str, int] = {}  # conversation id -> times a queue routed its caller on
         self._leg_ids = itertools.count(1)
@@ -373,6 +384,8 @@ class CallControl:
         }
 
     def _publish(self, cls: type[CallEvent], leg: Leg, **extra: Any) -> None:
+        if leg.role == "link":
+            return  # the node's own worker-to-worker legs are no party of the call
         self.bus.publish(cls(**self._fields(leg), **extra))
 
     # -- a new call -----------------------------------------------------------------------------
@@ -383,6 +396,9 @@ class CallControl:
             number = parse_uri(ev.request_uri).user or ""
         except SipError:
             number = ""
+        if number.startswith(LINK_PREFIX):
+            await self._link_arrived(worker_id, ev, number.removeprefix(LINK_PREFIX))
+            return
         caller = ev.identity or _user_of(ev.from_uri)
         conv = Conversation(new_conversation_id(), worker_id, now, caller=caller, callee=number)
         a = Leg(
@@ -418,6 +434,8 @@ class CallControl:
                 await self._send(a.worker_id, Echo(leg=a.id))
         elif isinstance(action, actions.Queue):
             await self._enqueue(conv, a, action.queue)
+        elif isinstance(action, actions.Conference):
+            await self._join_room(conv, a, action)
         elif isinstance(action, actions.Playback):
             try:
                 self.prompts.path(action.prompt)
@@ -1078,7 +1096,9 @@ class CallControl:
             raise CtiError(INVALID_STATE, "the call is being recorded already")
         if self.recordings_dir is None:
             raise CtiError(NOT_SUPPORTED, "this node keeps no recordings")
-        parties = [x for x in conv.live_legs() if x.answered_at is not None and x.role != "supervisor"]
+        parties = [
+            x for x in conv.live_legs() if x.answered_at is not None and x.role not in ("supervisor", "link")
+        ]
         if not parties:
             raise CtiError(NO_ACTIVE_CALL, "no answered party to record")
         recording_id = "RE" + secrets.token_hex(8)
@@ -1117,6 +1137,113 @@ class CallControl:
         self.bus.publish(RecordingAvailable(conv.id, rec.id, rec.url, duration, size_bytes=size))
         log.info("recording stopped", recording_id=rec.id, duration_s=duration, size_bytes=size)
         return {"recording_id": rec.id, "url": rec.url, "duration_s": duration}
+
+    # -- conference rooms (dialplan `conference`) --------------------------------------------------
+
+    async def _join_room(self, conv: Conversation, a: Leg, action: actions.Conference) -> None:
+        """Answer and put the caller in room `action.room` (made on first join, gone when empty). A room
+        mixes on one worker, its home; a caller on another worker reaches it over a link: a direct call
+        between the two workers, bridged to the caller on its side and a member on the home side."""
+        if a.answered_at is None and not await self._send(a.worker_id, Answer(leg=a.id, code=200)):
+            return
+        room = self.rooms.get(action.room)
+        if room is None:
+            room = self.rooms[action.room] = Room(action.room, a.worker_id)
+            log.info("conference room opened", room=room.id, worker=room.worker_id)
+        if a.worker_id == room.worker_id:
+            a.room = room.id
+            await self._room_add(room, a, muted=action.muted)
+            return
+        home = self.media.address(room.worker_id)
+        if home is None:
+            await self._reject(a, 503, "Service Unavailable")
+            return
+        token = secrets.token_hex(12)
+        near = Leg(
+            self._new_leg_id(), a.worker_id, conv.id, "outbound", "link", a.from_, room.id,
+            created_at=self.clock(),
+        )  # fmt: skip
+        near.peer, near.room = a.id, room.id
+        conv.legs[near.id] = near
+        self.legs[near.id] = near
+        self._links[token] = RoomLink(room.id, conv.id, a.id, action.muted)
+        log.info("linking to the room's worker", room=room.id, worker=room.worker_id)
+        host, port = home
+        sent = await self._send(
+            a.worker_id,
+            Originate(
+                leg=near.id, uri=f"sip:{LINK_PREFIX}{token}@{host}:{port}", from_uri=f"sip:{a.from_}@{host}",
+                timeout_s=LINK_TIMEOUT_S, direct=True,
+            ),
+        )  # fmt: skip
+        if not sent and not near.ended:
+            self._links.pop(token, None)
+            self._unplaced(near)
+            await self._reject(a, 503, "Service Unavailable")
+
+    async def _link_arrived(self, worker_id: str, ev: LegIncoming, token: str) -> None:
+        """The home side of a room link: a member leg in the caller's conversation; an unknown token
+        (a stale link, or anyone else calling the worker directly) is refused."""
+        link = self._links.pop(token, None)
+        conv = self.conversations.get(link.conversation_id) if link is not None else None
+        if link is None or conv is None or link.room not in self.rooms:
+            await self._send(worker_id, Reject(leg=ev.leg, code=404, reason="Not Found"))
+            return
+        far = Leg(
+            ev.leg, worker_id, conv.id, "inbound", "link", conv.caller, link.room, ev.sip_call_id,
+            created_at=self.clock(),
+        )  # fmt: skip
+        far.room, far.muted = link.room, link.muted
+        conv.legs[far.id] = far
+        self.legs[far.id] = far
+        async with self._lock(conv.id):
+            await self._send(worker_id, Answer(leg=far.id, code=200))
+
+    async def _link_answered(self, conv: Conversation, leg: Leg) -> None:
+        room = self.rooms.get(leg.room or "")
+        if leg.direction == "inbound":  # the home side: a member of the room
+            if room is not None:
+                await self._room_add(room, leg, muted=leg.muted)
+            return
+        caller = self.legs.get(leg.peer or "")
+        if caller is None or caller.ended:
+            await self._send(leg.worker_id, Hangup(leg=leg.id))
+            return
+        await self._send(leg.worker_id, Bridge(a=caller.id, b=leg.id))
+        caller.room = leg.room
+        if room is not None:
+            self.bus.publish(
+                ParticipantJoined(conv.id, caller.id, room=room.id, role=caller.role, reason="joined")
+            )
+
+    async def _room_add(self, room: Room, leg: Leg, *, muted: bool) -> None:
+        for member_id, member_muted in room.members.items():
+            member = self.legs.get(member_id)
+            if member is None or member.ended:
+                continue
+            if not member_muted:
+                await self._send(room.worker_id, Listen(leg=leg.id, source=member_id))
+            if not muted:
+                await self._send(room.worker_id, Listen(leg=member_id, source=leg.id))
+        room.members[leg.id] = muted
+        if leg.role != "link":
+            self.bus.publish(
+                ParticipantJoined(leg.conversation_id, leg.id, room=room.id, role=leg.role, reason="joined")
+            )
+        log.info("joined the conference", room=room.id, members=len(room.members), muted=muted)
+
+    def _room_left(self, leg: Leg) -> None:
+        """A room's member or participant ended: the room closes with its last member."""
+        room = self.rooms.get(leg.room or "")
+        if room is None:
+            return
+        if leg.role != "link":
+            self.bus.publish(
+                ParticipantLeft(leg.conversation_id, leg.id, room=room.id, role=leg.role, reason="hangup")
+            )
+        if room.members.pop(leg.id, None) is not None and not room.members:
+            self.rooms.pop(room.id, None)
+            log.info("conference room closed", room=room.id)
 
     @staticmethod
     def _agent_leg(conv: Conversation, agent_id: str) -> Leg | None:
@@ -1274,6 +1401,9 @@ class CallControl:
         if leg.role == "supervisor":
             await self._supervisor_answered(conv, leg)
             return
+        if leg.role == "link":
+            await self._link_answered(conv, leg)
+            return
         if leg.agent_id is not None and leg.id != conv.a_leg:
             if self.queues is not None:
                 self.queues.offer_answered(leg.agent_id, conv.id)  # the CTI layer connects the caller
@@ -1380,6 +1510,8 @@ class CallControl:
         for listener, source in list(conv.edges):
             if leg.id in (listener, source):
                 conv.edges.discard((listener, source))
+        if leg.room is not None:
+            self._room_left(leg)
         if leg.role == "supervisor":
             self._supervision_ended(conv, leg)
             return True
@@ -1451,7 +1583,7 @@ class CallControl:
         self.bus.publish(
             ConversationEnded(
                 conversation_id=conv.id,
-                legs=tuple(conv.legs),
+                legs=tuple(i for i, x in conv.legs.items() if x.role != "link"),
                 duration_s=round(now - conv.created_at, 3),
                 final_status=conv.final_status,
             )

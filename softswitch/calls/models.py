@@ -74,6 +74,7 @@ class Leg:
     peer: str | None = None  # the leg it is bridged with
     agent_id: str | None = None  # a leg that offers a queue caller to this agent's device
     held: bool = False  # split from its peer and hearing music on hold (call.hold)
+    room: str | None = None  # the conference room it is in (directly, or through a link)
     remote_held: bool = False  # its phone put the call on hold (sendonly/inactive re-INVITE)
     muted: bool = False  # its audio reaches no other party but a supervisor (call.mute)
     muted_from: set[str] = field(default_factory=set)  # the legs that heard it before call.mute
@@ -134,6 +135,26 @@ class CallRecording:
     path: str
     url: str
     started_at: float
+
+
+@dataclass(eq=False)
+class Room:
+    """A conference room: its members (legs on its home worker, each with whether it joined muted) hear
+    each other."""
+
+    id: str
+    worker_id: str
+    members: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoomLink:
+    """A link placed from a caller's worker to a room's home worker, until it arrives there."""
+
+    room: str
+    conversation_id: str
+    caller: str
+    muted: bool
 
 
 @dataclass(eq=False)

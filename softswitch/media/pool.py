@@ -232,6 +232,13 @@ class MediaPool:
         """Legs held on every worker (the node-wide admission limit counts these)."""
         return sum(len(handle.legs) for handle in self._slots)
 
+    def address(self, worker_id: str) -> tuple[str, int] | None:
+        """The SIP address of worker ``worker_id`` while it is ready (a room's home, for links)."""
+        for handle in self._slots:
+            if handle.id == worker_id and handle.ready:
+                return handle.sip_host, handle.sip_port
+        return None
+
     def worker_for_address(self, host: str, port: int) -> WorkerHandle | None:
         """The ready worker whose SIP transport is ``host:port`` (the edge trusts these)."""
         for handle in self._slots:

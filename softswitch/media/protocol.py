@@ -98,6 +98,7 @@ class Originate(Command):
     headers: dict[str, str] = field(default_factory=dict)
     timeout_s: float = 30.0
     display_name: str = ""
+    direct: bool = False  # straight to ``uri`` (another worker on loopback), not through the edge
 
 
 @dataclass(frozen=True)

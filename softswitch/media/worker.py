@@ -128,7 +128,7 @@ SHUTDOWN_DRAIN_S: Final = 3.0  # after hangupAllCalls, time for BYE/CANCEL trans
 #: ninth Account aborts the process. One account serves incoming legs, the others carry per-call From.
 MAX_ACCOUNTS_HIGH_CAPACITY: Final = 64
 MAX_ACCOUNTS_STOCK: Final = 8
-RESERVED_ACCOUNTS: Final = 2  # the worker's own account and the capacity probe's
+RESERVED_ACCOUNTS: Final = 3  # the worker's own account, its direct one (links) and the capacity probe's
 PJ_ETOOMANY: Final = 70010  # pj_status_t of a full call table
 PJ_LOG_LEVELS: Final[dict[str, int]] = {"debug": 4, "info": 1, "warning": 1, "error": 1, "critical": 0}
 
@@ -524,6 +524,7 @@ class Worker:
         self._player_deadlines: dict[str, float] = {}  # 2.10 wheels: leg id → end of playback
         self._next_leg = 0
         self._account: _Account | None = None
+        self._direct_account: _Account | None = None  # no pre-loaded route: worker-to-worker links
         self._from_accounts: collections.OrderedDict[str, _Account] = collections.OrderedDict()
         self._account_refs: collections.Counter[int] = collections.Counter()
         self._media_dirty: set[str] = set()
@@ -668,6 +669,11 @@ class Worker:
         )
         account.setDefault()
         self._account = account
+        direct = _Account(self)
+        direct.create(
+            self._account_config(f"sip:{self.options.worker_id}@{LOOPBACK}:{self.sip_port}", via_edge=False)
+        )
+        self._direct_account = direct
 
     def _destroy(self) -> None:
         """Hang up everything, then tear the library down (TESTING.md: the order matters)."""
@@ -681,11 +687,12 @@ class Worker:
                 leg.tone = None
             self._legs.clear()
             self._rejecting.clear()
-            for account in [self._account, *self._from_accounts.values()]:
+            for account in [self._account, self._direct_account, *self._from_accounts.values()]:
                 if account is not None:
                     with contextlib.suppress(pj.Error):
                         account.shutdown()
             self._account = None
+            self._direct_account = None
             self._from_accounts.clear()
             gc.collect()
             ep.libDestroy()
@@ -1053,7 +1060,13 @@ class Worker:
             raise _fail("capacity", f"worker {self.options.worker_id} holds {self.capacity} legs")
         display = quote_display(cmd.display_name) + " " if cmd.display_name else ""
         id_uri = f"{display}<{cmd.from_uri}>"  # name-addr: URI parameters stay in the URI (§20.20)
-        account = self._from_account(id_uri)
+        if cmd.direct:
+            if not re.match(rf"^sips?:[^@]+@{re.escape(LOOPBACK)}:\d+(;|$)", cmd.uri):
+                raise _fail("invalid_argument", f"a direct leg goes to {LOOPBACK}:PORT only, not {cmd.uri!r}")
+            assert self._direct_account is not None
+            account = self._direct_account
+        else:
+            account = self._from_account(id_uri)
         call = _Call(self, account)
         call.leg_id = cmd.leg
         account_id = int(account.getId())

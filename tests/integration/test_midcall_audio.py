@@ -106,6 +106,10 @@ def _types(events: list[dict[str, Any]]) -> list[str]:
     return [e["type"] for e in events]
 
 
+def _count(event_type: str, count: int) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda events: sum(e["type"] == event_type for e in events) >= count
+
+
 def _has(event_type: str, **data: Any) -> Callable[[list[dict[str, Any]]], bool]:
     def done(events: list[dict[str, Any]]) -> bool:
         return any(
@@ -236,3 +240,38 @@ async def test_who_hears_whom_through_supervision_mute_consult_and_conference(
     levels = tone_levels(path, TONES, EDGE_S, seconds - EDGE_S)
     assert levels[CUSTOMER_HZ] > HEARD and levels[AGENT_HZ] > HEARD, levels
     assert levels[SUPERVISOR_HZ] < SILENT and levels[TARGET_HZ] < SILENT, levels
+
+
+@pytest.mark.timeout(150)
+async def test_a_conference_room_across_two_workers(tmp_path: Path, phones: PhoneFactory) -> None:
+    """Three phones dial room 9000 on a node with two media workers, so one of them reaches the room's
+    worker over a link: each hears the other two; when one leaves, the other two still hear each other;
+    the room ends with its last member."""
+    tones = {hz: make_tone(tmp_path / f"tone-{int(hz)}.wav", hz) for hz in TONES[:3]}
+    with running_softswitch(tmp_path / "node", "[media]\nworkers = 2\n") as node:
+        assert node.mqtt_port is not None
+        port = node.sip_port
+        names = {"1001": CUSTOMER_HZ, "1002": AGENT_HZ, "1003": SUPERVISOR_HZ}
+        members = {user: phones.start(user, tones[hz], registrar_port=port) for user, hz in names.items()}
+        parties = Parties(members)
+        for phone in members.values():
+            await asyncio.to_thread(phone.wait_registered)
+        async with collecting(node.mqtt_port, f"{PREFIX}/#") as collector:
+            for count, phone in enumerate(members.values(), start=1):
+                await asyncio.to_thread(phone.dial, f"sip:9000@127.0.0.1:{port}")
+                await collector.until(_count("participant.joined", count), EVENT_TIMEOUT_S)
+            everyone = {user: {hz for other, hz in names.items() if other != user} for user in names}
+            await parties.phase("three in the room", everyone)
+            await asyncio.to_thread(members["1003"].hangup)
+            await collector.until(_count("participant.left", 1), EVENT_TIMEOUT_S)
+            await parties.phase("two left", {"1001": {AGENT_HZ}, "1002": {CUSTOMER_HZ}})
+            for user in ("1001", "1002"):
+                await asyncio.to_thread(members[user].hangup)
+            events = await collector.until(
+                lambda evs: sum(e["type"] == "conversation.ended" for e in evs) == 3, EVENT_TIMEOUT_S
+            )
+        linked = [r for r in node.log_records() if r.get("event") == "linking to the room's worker"]
+    parties.check()
+    assert_valid_and_gap_free(events)
+    assert len(linked) == 1, linked  # the middle caller was dispatched to the other worker
+    assert sum(e["type"] == "participant.left" for e in events) == 3

@@ -30,6 +30,7 @@ from softswitch.media.protocol import (
     LegDtmf,
     LegIncoming,
     LegState,
+    Listen,
     Originate,
     Play,
     PlayerDone,
@@ -62,9 +63,12 @@ class ScriptedMedia:
     def subscribe(self, callback: Callable[[str, MediaEvent], None]) -> None:
         self.callback = callback
 
-    def emit(self, event: MediaEvent) -> None:
+    def address(self, worker_id: str) -> tuple[str, int] | None:
+        return ("127.0.0.1", 5090 + int(worker_id[1:]))
+
+    def emit(self, event: MediaEvent, worker: str = "w1") -> None:
         assert self.callback is not None
-        self.callback("w1", event)
+        self.callback(worker, event)
 
     def take(self) -> list[Command]:
         out, self.commands = self.commands, []
@@ -85,6 +89,8 @@ class Plan:
             return actions.Playback(prompt="no_such_prompt")
         if number == "8000":
             return actions.Queue(queue="support")
+        if number in ("9000", "9001"):
+            return actions.Conference(room=number, muted=number == "9001")
         if number == "0":
             return actions.Hangup(code=403, reason="Forbidden")
         return None
@@ -108,13 +114,14 @@ class Fixture:
         for _ in range(20):
             await asyncio.sleep(0)
 
-    async def incoming(self, number: str, leg: str = "w1-1") -> None:
+    async def incoming(self, number: str, leg: str = "w1-1", worker: str = "w1") -> None:
         self.media.emit(
             LegIncoming(
                 leg=leg, sip_call_id=f"sip-{leg}", from_uri="sip:1001@127.0.0.1", from_display="Alice",
                 to_uri=f"sip:{number}@127.0.0.1", request_uri=f"sip:{number}@127.0.0.1", identity="1001",
                 headers={},
-            )
+            ),
+            worker,
         )  # fmt: skip
         await self.settle()
 
@@ -666,3 +673,71 @@ async def test_commands_in_the_wrong_state_are_refused_with_a_code() -> None:
         with pytest.raises(CtiError) as raised:
             await f.control.execute(command)
         assert raised.value.code == code, command
+
+
+# -- conference rooms -------------------------------------------------------------------------------
+
+
+async def test_a_room_mixes_its_members_and_links_a_caller_on_another_worker() -> None:
+    f = Fixture()
+    await f.incoming("9000", "w1-1")
+    assert f.media.take() == [Answer(leg="w1-1", code=200)]
+    await f.incoming("9000", "w1-2")
+    assert f.media.take() == [
+        Answer(leg="w1-2", code=200), Listen(leg="w1-2", source="w1-1"), Listen(leg="w1-1", source="w1-2")
+    ]  # fmt: skip
+    # A caller on worker w2: a direct call to the room's worker w1 carries its audio.
+    await f.incoming("9000", "w2-1", worker="w2")
+    answer, link = f.media.take()
+    assert answer == Answer(leg="w2-1", code=200)
+    assert isinstance(link, Originate) and link.direct and link.uri.endswith("@127.0.0.1:5091")
+    token_user = link.uri.split(":")[1].split("@")[0]
+    f.media.emit(
+        LegIncoming(
+            leg="w1-3", sip_call_id="link", from_uri="sip:1001@127.0.0.1", from_display="", to_uri=link.uri,
+            request_uri=link.uri, identity="", headers={},
+        ),
+        "w1",
+    )  # fmt: skip
+    await f.settle()
+    assert f.media.take() == [Answer(leg="w1-3", code=200)]
+    await f.state("w1-3", "confirmed", 200)
+    assert set(f.media.take()) == {
+        Listen(leg="w1-3", source="w1-1"), Listen(leg="w1-1", source="w1-3"),
+        Listen(leg="w1-3", source="w1-2"), Listen(leg="w1-2", source="w1-3"),
+    }  # fmt: skip
+    await f.state(link.leg, "confirmed", 200)
+    assert f.media.take() == [Bridge(a="w2-1", b=link.leg)]
+    assert token_user.startswith("link-")
+    assert sorted(f.control.rooms["9000"].members) == ["w1-1", "w1-2", "w1-3"]
+    joined = [e.call_id for e in f.events if isinstance(e, ParticipantJoined)]
+    assert joined == ["w1-1", "w1-2", "w2-1"]  # the link legs are no participants
+    # The linked caller hangs up: its link ends with it and leaves the room.
+    await f.state("w2-1", "disconnected", 200, by="remote")
+    assert set(f.media.take()) == {Hangup(leg=link.leg), Hangup(leg="w1-3")}
+    await f.state(link.leg, "disconnected", 200, by="local")
+    await f.state("w1-3", "disconnected", 200, by="local")
+    assert sorted(f.control.rooms["9000"].members) == ["w1-1", "w1-2"]
+    assert all(e.role != "link" for e in f.events if isinstance(e, CallEnded))
+    for leg in ("w1-1", "w1-2"):
+        await f.state(leg, "disconnected", 200, by="remote")
+    assert "9000" not in f.control.rooms and not f.control.conversations
+
+
+async def test_a_member_joining_muted_hears_the_room_and_is_not_heard() -> None:
+    f = Fixture()
+    await f.incoming("9001", "w1-1")
+    await f.incoming("9001", "w1-2")
+    f.media.take()
+    await f.incoming("9001", "w1-3")
+    assert f.media.take() == [Answer(leg="w1-3", code=200)]  # both earlier members muted: nobody to hear
+    f.control.rooms["9001"].members["w1-1"] = False  # as if w1-1 had joined unmuted
+    await f.incoming("9001", "w1-4")
+    assert f.media.take() == [Answer(leg="w1-4", code=200), Listen(leg="w1-4", source="w1-1")]
+
+
+async def test_a_direct_link_to_an_unknown_token_is_refused() -> None:
+    f = Fixture()
+    await f.incoming("link-0123456789abcdef01234567", "w1-9")
+    assert f.media.take() == [Reject(leg="w1-9", code=404, reason="Not Found")]
+    assert not f.control.conversations
