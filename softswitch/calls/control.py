@@ -25,6 +25,7 @@ from softswitch.calls.models import (
     ConversationState,
     Leg,
     LegState,
+    PhoneTransfer,
     Room,
     RoomLink,
     Supervision,
@@ -89,6 +90,7 @@ from softswitch.media.protocol import (
     LegDtmf,
     LegIncoming,
     LegMedia,
+    LegTransfer,
     Listen,
     Originate,
     Play,
@@ -112,6 +114,8 @@ log = structlog.get_logger(__name__)
 
 #: The user part of a worker-to-worker link's request URI (followed by its one-time token).
 LINK_PREFIX = "link-"
+#: Seconds the transferor's phone is given to end its call itself after the transfer it asked for worked.
+REFER_RELEASE_S = 5.0
 #: A link is a call on loopback between two of the node's own workers: answered at once or not at all.
 LINK_TIMEOUT_S = 5.0
 #: Seconds a command to a worker may take before the call is failed.
@@ -232,6 +236,7 @@ class CallControl:
         self._tasks: set[asyncio.Task[None]] = set()
         self._channels: dict[str, LegChannel] = {}  # legs a dialplan application runs on
         self.rooms: dict[str, Room] = {}  # conference rooms by number
+        self._refers: dict[str, PhoneTransfer] = {}  # transfers phones asked for, by the target's leg
         self._links: dict[str, RoomLink] = {}  # room links placed and not yet arrived, by token
         self.queues: QueueService | None = None  # the CTI layer, when the node runs one
         self._reroutes: dict[str, int] = {}  # conversation id -> times a queue routed its caller on
@@ -274,6 +279,8 @@ class CallControl:
                 self._relay_dtmf(leg, event.digit)
         elif isinstance(event, PlayerDone):
             self._to_channel(event.leg, event)
+        elif isinstance(event, LegTransfer):
+            self._spawn(self._phone_transfer(worker_id, event))
         elif isinstance(event, LegMedia):
             leg = self.legs.get(event.leg)
             if leg is not None and event.held != leg.remote_held and (event.held or event.active):
@@ -1245,6 +1252,74 @@ class CallControl:
             self.rooms.pop(room.id, None)
             log.info("conference room closed", room=room.id)
 
+    # -- blind transfer asked for by a phone (REFER) -------------------------------------------------
+
+    async def _phone_transfer(self, worker_id: str, ev: LegTransfer) -> None:
+        """The phone on `ev.leg` asked (REFER) to transfer its party to `ev.target`; the worker placed
+        `ev.new_leg` there. When it answers, the party is bridged to it and the transferor released."""
+        transferor = self.legs.get(ev.leg)
+        conv = self.conversations.get(transferor.conversation_id) if transferor is not None else None
+        if transferor is None or conv is None:
+            await self._send(worker_id, Hangup(leg=ev.new_leg))
+            return
+        async with self._lock(conv.id):
+            transferee = self.legs.get(transferor.peer) if transferor.peer else None
+            number = _user_of(ev.target) or ev.target
+            recipient = Leg(
+                ev.new_leg, worker_id, conv.id, "outbound", "callee",
+                transferee.from_ if transferee is not None else transferor.to, number,
+                user=number if number in self.users else None, created_at=self.clock(),
+            )  # fmt: skip
+            conv.legs[recipient.id] = recipient
+            self.legs[recipient.id] = recipient
+            self._publish(CallInitiated, recipient, user=recipient.user)
+            if transferee is None or transferee.ended:
+                recipient.final_status, recipient.released_by = "canceled", "local"
+                await self._send(worker_id, Hangup(leg=recipient.id))
+                return
+            refer = PhoneTransfer(
+                "TR" + secrets.token_hex(8), transferor.id, transferee.id,
+                {"kind": "user" if number in self.users else "external", "id": number},
+            )  # fmt: skip
+            self._refers[recipient.id] = refer
+            self.bus.publish(TransferInitiated(**self._refer_fields(conv, refer, recipient.id)))
+            log.info("phone transfers its call", transfer_id=refer.transfer_id, target=number)
+
+    def _refer_fields(self, conv: Conversation, refer: PhoneTransfer, recipient: str) -> dict[str, Any]:
+        return {
+            "conversation_id": conv.id, "transfer_id": refer.transfer_id, "flow": "blind",
+            "transferred_call": refer.transferee, "initiator_call": refer.transferor,
+            "recipient_call": recipient, "target": refer.target,
+        }  # fmt: skip
+
+    async def _phone_transfer_answered(self, conv: Conversation, recipient: Leg) -> None:
+        refer = self._refers.pop(recipient.id)
+        transferor, transferee = self.legs.get(refer.transferor), self.legs.get(refer.transferee)
+        fields = self._refer_fields(conv, refer, recipient.id)
+        if transferee is None or transferee.ended:
+            self.bus.publish(TransferFailed(**fields, reason="transferee_gone"))
+            recipient.final_status, recipient.released_by = "completed", "local"
+            await self._send(recipient.worker_id, Hangup(leg=recipient.id))
+            return
+        if transferor is not None and not transferor.ended:
+            await self._send(transferor.worker_id, Unbridge(a=transferor.id, b=transferee.id))
+            transferor.peer, transferor.detached = None, True
+            if conv.a_leg == transferor.id:
+                conv.a_leg = transferee.id
+            self._spawn(self._release_after(transferor.id, REFER_RELEASE_S))
+        await self._retrieve_into(transferee, recipient)
+        self.bus.publish(TransferCompleted(**fields))
+        log.info("phone transfer completed", transfer_id=refer.transfer_id)
+
+    async def _release_after(self, leg_id: str, delay_s: float) -> None:
+        """The transferor's phone ends its call once told the transfer worked (RFC 5589 §6.1); should it
+        not, the node does."""
+        await asyncio.sleep(delay_s)
+        leg = self.legs.get(leg_id)
+        if leg is not None and not leg.ended and not leg.final_status:
+            leg.final_status, leg.released_by = "completed", "local"
+            await self._send(leg.worker_id, Hangup(leg=leg.id))
+
     @staticmethod
     def _agent_leg(conv: Conversation, agent_id: str) -> Leg | None:
         live = [leg for leg in conv.legs.values() if leg.agent_id == agent_id]
@@ -1366,6 +1441,8 @@ class CallControl:
         if first:
             leg.ring_at = self.clock()
             self._publish(CallRinging, leg, early_media=early_media)
+            if leg.id in self._refers:
+                return  # the transferred party hears what the transferor's hold gives it meanwhile
             if leg.agent_id is not None and leg.id != conv.a_leg and self.queues is not None:
                 self.queues.offer_ringing(leg.agent_id, conv.id)
             consult = conv.consult
@@ -1395,6 +1472,9 @@ class CallControl:
         leg.move(LegState.ANSWERED)
         leg.answered_at = now
         self._publish(CallAnswered, leg, answered_by=leg.user or leg.to)
+        if leg.id in self._refers:
+            await self._phone_transfer_answered(conv, leg)
+            return
         if leg.role == "consult" and (conv.consult is None or conv.consult.recipient == leg.id):
             await self._consult_answered(conv, leg)
             return
@@ -1512,6 +1592,13 @@ class CallControl:
                 conv.edges.discard((listener, source))
         if leg.room is not None:
             self._room_left(leg)
+        refer = self._refers.pop(leg.id, None)
+        if refer is not None:
+            # The target of a phone's transfer failed: the transferor's phone hears so in the REFER's
+            # NOTIFY and takes its party back.
+            fields = self._refer_fields(conv, refer, leg.id)
+            self.bus.publish(TransferFailed(**fields, reason=leg.final_status))
+            return True
         if leg.role == "supervisor":
             self._supervision_ended(conv, leg)
             return True

@@ -148,6 +148,17 @@ class Room:
 
 
 @dataclass(frozen=True)
+class PhoneTransfer:
+    """A blind transfer a phone asked for with REFER: `transferor`'s party `transferee` goes to the leg
+    the worker placed to `target`."""
+
+    transfer_id: str
+    transferor: str
+    transferee: str
+    target: dict[str, str]
+
+
+@dataclass(frozen=True)
 class RoomLink:
     """A link placed from a caller's worker to a room's home worker, until it arrives there."""
 

@@ -329,6 +329,18 @@ class LegDtmf(Event):
 
 
 @dataclass(frozen=True)
+class LegTransfer(Event):
+    """The phone on ``leg`` sent REFER (RFC 3515, a blind transfer): the worker answered 202 and placed
+    ``new_leg`` to ``target`` (the Refer-To URI) through the edge; the REFER's NOTIFYs report that leg's
+    progress to the phone (RFC 3515 §2.4.5, sipfrag)."""
+
+    type: ClassVar[str] = "leg.transfer"
+    leg: str
+    new_leg: str
+    target: str
+
+
+@dataclass(frozen=True)
 class PlayerDone(Event):
     """A non-looping :class:`Play` reached the end of its last file."""
 
@@ -390,7 +402,7 @@ COMMAND_TYPES: Final[dict[str, type[Command]]] = {
     )
 }
 EVENT_TYPES: Final[dict[str, type[Event]]] = {
-    e.type: e for e in (WorkerReady, LegIncoming, LegState, LegMedia, LegDtmf, PlayerDone)
+    e.type: e for e in (WorkerReady, LegIncoming, LegState, LegMedia, LegDtmf, LegTransfer, PlayerDone)
 }
 
 Message: TypeAlias = Command | Event | Reply

@@ -69,6 +69,7 @@ from softswitch.media.protocol import (
     LegIncoming,
     LegMedia,
     LegState,
+    LegTransfer,
     Listen,
     Originate,
     Ping,
@@ -140,6 +141,7 @@ MAX_HEADER_VALUE_LEN: Final = 1024  # per forwarded or added header value: keeps
 MAX_DTMF_DURATION_MS: Final = 60_000  # a longer reported key press is the library's "unknown"
 MAX_PLAY_FILES: Final = 64  # files in one play command (a spoken number is a dozen prompts)
 MAX_DTMF_DIGITS: Final = 32  # digits in one send_dtmf command
+TRANSFER_RING_TIMEOUT_S: Final = 60.0  # a target a phone transferred to rings at most this long
 MAX_RECORD_LEGS: Final = 32  # legs mixed into one recording (a room conference at most)
 DTMF_DIGITS: Final = frozenset("0123456789*#ABCDabcd")
 RETRY_AFTER_S: Final = 1  # Retry-After (RFC 3261 §20.33) on the worker's own 503
@@ -418,6 +420,10 @@ class _Call(pj.Call):  # type: ignore[misc]
     @_guarded
     def onCallMediaState(self, prm: Any) -> None:
         self.worker._on_media_state(self)
+
+    @_guarded
+    def onCallTransferRequest(self, prm: Any) -> None:
+        self.worker._on_transfer_request(self, prm)
 
     @_guarded
     def onDtmfDigit(self, prm: Any) -> None:
@@ -904,6 +910,35 @@ class Worker:
             return
         leg.state, leg.sip_code = name, code
         self._emit(LegState(leg.id, name, code, reason, leg.sip_call_id))
+
+    def _on_transfer_request(self, call: _Call, prm: Any) -> None:
+        """REFER from the phone (RFC 3515): accept it (202) and let the library place the new INVITE, as
+        a leg of ours whose progress its NOTIFYs carry; the controller decides what to bridge. Refused
+        (603) on a leg being torn down, (503) when the worker is full."""
+        leg = self._legs.get(call.leg_id)
+        if leg is None or leg.reported or leg.ending:
+            prm.statusCode = pj.PJSIP_SC_DECLINE
+            return
+        if self._stopping or self._live_legs() >= self.capacity:
+            prm.statusCode = pj.PJSIP_SC_SERVICE_UNAVAILABLE
+            return
+        accounts = [self._account, self._direct_account, *self._from_accounts.values()]
+        account = next((a for a in accounts if a is not None and int(a.getId()) == leg.account_id), None)
+        if account is None:
+            prm.statusCode = pj.PJSIP_SC_DECLINE
+            return
+        self._next_leg += 1
+        new_id = f"{self.options.worker_id}-{self._next_leg}"
+        new_call = _Call(self, account)
+        new_call.leg_id = new_id
+        self._legs[new_id] = _Leg(new_id, new_call, False, "", leg.account_id)
+        self._account_refs[leg.account_id] += 1
+        self._ring_deadlines[new_id] = time.monotonic() + TRANSFER_RING_TIMEOUT_S
+        prm.newCall = new_call
+        prm.statusCode = pj.PJSIP_SC_ACCEPTED
+        target = str(prm.dstUri)
+        log.info("transfer requested by the phone", leg=leg.id, new_leg=new_id, target=target)
+        self._emit(LegTransfer(leg.id, new_id, target))
 
     def _on_media_state(self, call: _Call) -> None:
         if self._probing is not None:

@@ -538,6 +538,12 @@ class EdgeCore:
             raise SipError(403, "Relaying denied")
         user = uri.user or ""
         if user not in self.passwords:
+            if request.method == "INVITE" and self.media_dispatch is not None and self.trusted(txn.flow):
+                # A media worker calling a number that is no user (the target of a transfer a phone asked
+                # for by REFER): a new call like a phone's, which the dialplan routes; the worker's From
+                # names the party being transferred.
+                self._route_to_media(txn, request.from_.uri.user or None, now)
+                return
             raise SipError(404, "Not Found")
         bindings = self.location.bindings(user)
         if not bindings:

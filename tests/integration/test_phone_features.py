@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.audio import tone_levels
+from tests.integration.audio import make_tone, tone_levels
 from tests.integration.conftest import DEMO_PASSWORDS, TONE_A_HZ, TONE_B_HZ, PhoneFactory, Tones
 from tests.integration.helpers import running_softswitch
 from tests.integration.peers import Sipp
@@ -126,3 +126,62 @@ async def test_a_key_sent_by_sip_info_reaches_the_far_phone_as_rfc4733(
             events = await collector.until(_has("conversation.ended"), EVENT_TIMEOUT_S)
     dtmf = [(e["data"]["digit"], e["data"]["method"]) for e in events if e["type"] == "call.dtmf"]
     assert dtmf == [("7", "info")], dtmf
+
+
+TARGET_HZ = 1100.0  # the transfer target's tone
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("target", ["1004", "*97"])
+async def test_a_phone_transfers_its_call_with_refer(
+    tmp_path: Path, phones: PhoneFactory, tones: Tones, target: str
+) -> None:
+    """1001 calls 1002; 1002 sends REFER (RFC 3515) to transfer 1001 to `target`: a registered user,
+    whose phone then talks with 1001, or a dialplan number (*97, the echo test, so 1001 hears itself).
+    The REFER is accepted (202) and its NOTIFYs tell 1002 the transfer worked; 1002's call ends."""
+    target_tone = make_tone(tmp_path / "target.wav", TARGET_HZ)
+    with running_softswitch(tmp_path / "node") as node:
+        assert node.mqtt_port is not None
+        caller = phones.start("1001", tones.a, registrar_port=node.sip_port)
+        transferor = phones.start("1002", tones.b, registrar_port=node.sip_port)
+        receiver = phones.start("1004", target_tone, registrar_port=node.sip_port)
+        for phone in (caller, transferor, receiver):
+            await asyncio.to_thread(phone.wait_registered)
+        async with collecting(node.mqtt_port, f"{PREFIX}/#") as collector:
+            await asyncio.to_thread(caller.dial, f"sip:1002@127.0.0.1:{node.sip_port}")
+            await asyncio.to_thread(transferor.wait_event, "CALL_ESTABLISHED", EVENT_TIMEOUT_S)
+            await collector.until(_has("call.bridged"), EVENT_TIMEOUT_S)
+            await asyncio.to_thread(transferor.command, "transfer", f"sip:{target}@127.0.0.1:{node.sip_port}")
+            events = await collector.until(_has("transfer.completed", flow="blind"), EVENT_TIMEOUT_S)
+            await asyncio.to_thread(transferor.wait_event, "CALL_CLOSED", EVENT_TIMEOUT_S)
+            if target == "1004":
+                await asyncio.to_thread(receiver.wait_event, "CALL_ESTABLISHED", EVENT_TIMEOUT_S)
+            await asyncio.sleep(SETTLE_S)
+            start = caller.heard_s()
+            await asyncio.sleep(PHASE_S)
+            end = caller.heard_s()
+            await asyncio.to_thread(caller.hangup)
+            events = await collector.until(
+                lambda evs: (
+                    sum(e["type"] == "conversation.ended" for e in evs) >= (1 if target == "1004" else 2)
+                ),
+                EVENT_TIMEOUT_S,
+            )
+    levels = tone_levels(
+        caller.received_wav(), (TONE_A_HZ, TONE_B_HZ, TARGET_HZ), start + EDGE_S, end - EDGE_S
+    )
+    heard = TARGET_HZ if target == "1004" else TONE_A_HZ  # the target's phone, or the caller's own echo
+    assert levels[heard] > HEARD, levels
+    assert all(level < SILENT for hz, level in levels.items() if hz != heard), levels
+    if target == "1004":
+        back = tone_levels(
+            receiver.received_wav(), (TONE_A_HZ, TONE_B_HZ), EDGE_S, receiver.heard_s() - EDGE_S
+        )
+        assert back[TONE_A_HZ] > HEARD and back[TONE_B_HZ] < SILENT, back
+    assert_valid_and_gap_free(events)
+    transfer = [e["type"] for e in events if e["type"].startswith("transfer.")]
+    assert transfer == ["transfer.initiated", "transfer.completed"], transfer
+    refer = transferor.sip_trace()
+    assert any(m.method == "REFER" for m in refer), transferor.log_tail()
+    notify = [m.text for m in refer if m.method == "NOTIFY"]
+    assert any("SIP/2.0 200" in text for text in notify), notify  # sipfrag: the target answered

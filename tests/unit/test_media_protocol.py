@@ -28,6 +28,7 @@ from softswitch.media.protocol import (
     LegIncoming,
     LegMedia,
     LegState,
+    LegTransfer,
     Listen,
     Message,
     Originate,
@@ -78,6 +79,7 @@ EVERY_MESSAGE: list[Message] = [
     Unlisten("w1-3", "w1-1", id=16),
     Record("RE1", "/data/recordings/CV1/RE1.wav", ["w1-1", "b-1"], id=17),
     StopRecord("RE1", id=18),
+    LegTransfer("w1-1", "w1-7", "sip:8000@127.0.0.1:5060"),
     WorkerReady("w1", "127.0.0.1", 40000, 1024, "high-capacity", "2.12.1", "20000-24999", 4242),
     LegIncoming(
         "w1-1",
