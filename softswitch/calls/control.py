@@ -90,6 +90,7 @@ from softswitch.media.protocol import (
     LegDtmf,
     LegIncoming,
     LegMedia,
+    LegReplaced,
     LegTransfer,
     Listen,
     Originate,
@@ -237,6 +238,7 @@ class CallControl:
         self._channels: dict[str, LegChannel] = {}  # legs a dialplan application runs on
         self.rooms: dict[str, Room] = {}  # conference rooms by number
         self._refers: dict[str, PhoneTransfer] = {}  # transfers phones asked for, by the target's leg
+        self._replacing: dict[str, str] = {}  # a leg that came with Replaces -> the leg it replaces
         self._links: dict[str, RoomLink] = {}  # room links placed and not yet arrived, by token
         self.queues: QueueService | None = None  # the CTI layer, when the node runs one
         self._reroutes: dict[str, int] = {}  # conversation id -> times a queue routed its caller on
@@ -281,6 +283,8 @@ class CallControl:
             self._to_channel(event.leg, event)
         elif isinstance(event, LegTransfer):
             self._spawn(self._phone_transfer(worker_id, event))
+        elif isinstance(event, LegReplaced):
+            self._leg_replaced(worker_id, event)
         elif isinstance(event, LegMedia):
             leg = self.legs.get(event.leg)
             if leg is not None and event.held != leg.remote_held and (event.held or event.active):
@@ -716,12 +720,17 @@ class CallControl:
         kind, target = request.target_kind, request.target_id
         if far is None or far.ended:
             raise CtiError(NO_ACTIVE_CALL, "the call has no other party to transfer")
-        if leg.agent_id is None:
-            raise CtiError(NOT_SUPPORTED, "only an agent's call can be transferred")
         dial: actions.Dial | None = None
+        menu: actions.IvrMenu | None = None
         if kind == "queue":
             if self.queues is None or not self.queues.has_queue(target):
                 raise CtiError(UNKNOWN_QUEUE, f"no queue {target!r}")
+        elif kind == "agent":
+            dial = self._agent_target(request)
+        elif kind == "ivr":
+            menu = self.router.menus.get(target)
+            if menu is None:
+                raise CtiError(INVALID_STATE, f"the dialplan has no IVR menu {target!r}")
         elif kind in ("user", "external"):
             routed = self.router.route(target, caller=far.from_)
             if isinstance(routed, actions.Dial):
@@ -750,7 +759,9 @@ class CallControl:
         conv.a_leg = far.id
         before = set(conv.legs)
         if dial is not None:
-            await self._dial(conv, far, dial, role="callee")
+            await self._dial(conv, far, dial, role="callee", agent_id=target if kind == "agent" else None)
+        elif menu is not None:
+            self._spawn(self._run_ivr(conv, far, menu))
         else:
             await self._enqueue(conv, far, target)
         recipient = next((i for i in conv.legs if i not in before), None)
@@ -779,6 +790,15 @@ class CallControl:
 
     # -- consultation, attended transfer, three-way conference ----------------------------------
 
+    def _agent_target(self, request: TransferRequest) -> actions.Dial:
+        """The device of the agent a transfer or consultation goes to (the CTI layer found it ready)."""
+        device = request.target_device
+        if device is None or device.kind != "sip":
+            raise CtiError(NOT_SUPPORTED, f"agent {request.target_id} has no SIP device")
+        if device.address not in self.users or not self.has_binding(device.address):
+            raise CtiError(DEVICE_UNAVAILABLE, f"device {device.address} is not registered")
+        return actions.Dial(target=device.address, timeout_s=ORIGINATE_AGENT_TIMEOUT_S)
+
     def _consult_target(self, kind: str, target: str, caller: str) -> actions.Dial:
         """The registered user a consultation dials (user, or a number the dialplan routes to one)."""
         if kind not in ("user", "external"):
@@ -806,12 +826,17 @@ class CallControl:
             raise CtiError(NO_ACTIVE_CALL, "the call has no other party to hold")
         if conv.consult is not None or conv.conference:
             raise CtiError(INVALID_STATE, "a consultation or conference is in progress already")
-        dial = self._consult_target(request.target_kind, request.target_id, leg.user or leg.to)
+        if request.target_kind == "agent":
+            dial = self._agent_target(request)
+        else:
+            dial = self._consult_target(request.target_kind, request.target_id, leg.user or leg.to)
         if not far.held:
             await self._hold(leg, far, hold=True)
+        agent_id = request.target_id if request.target_kind == "agent" else None
         recipient = Leg(
             self._new_leg_id(), leg.worker_id, conv.id, "outbound", "consult", leg.user or leg.to,
-            dial.target, user=dial.target, created_at=self.clock(),
+            dial.target, user=dial.target, created_at=self.clock(), agent_id=agent_id,
+            direct_agent=agent_id is not None,
         )  # fmt: skip
         conv.legs[recipient.id] = recipient
         self.legs[recipient.id] = recipient
@@ -1311,6 +1336,53 @@ class CallControl:
         self.bus.publish(TransferCompleted(**fields))
         log.info("phone transfer completed", transfer_id=refer.transfer_id)
 
+    def _leg_replaced(self, worker_id: str, ev: LegReplaced) -> None:
+        """An INVITE with Replaces (RFC 3891) took the place of `ev.leg`: the new leg joins that leg's
+        conversation (registered at once: its state changes follow this event) and, once confirmed,
+        talks to its party; the replaced leg's end ends nobody else."""
+        old = self.legs.get(ev.leg)
+        conv = self.conversations.get(old.conversation_id) if old is not None else None
+        if old is None or conv is None:
+            self._spawn(self._send(worker_id, Hangup(leg=ev.new_leg)))
+            return
+        old.detached = True
+        if not old.final_status:
+            old.final_status, old.released_by = "completed", "local"
+        caller = _user_of(ev.from_uri)
+        new = Leg(
+            ev.new_leg, worker_id, conv.id, "inbound", old.role, caller, old.to, ev.sip_call_id,
+            user=caller if caller in self.users else None, created_at=self.clock(),
+        )  # fmt: skip
+        conv.legs[new.id] = new
+        self.legs[new.id] = new
+        self._replacing[new.id] = old.id
+        self._publish(CallInitiated, new, user=new.user)
+        log.info("leg replaced", call_id=old.id, new_call_id=new.id)
+
+    async def _replacement_answered(self, conv: Conversation, new: Leg) -> None:
+        old = self.legs.get(self._replacing.pop(new.id))
+        party = self.legs.get(old.peer) if old is not None and old.peer else None
+        if old is None or party is None or party.ended:
+            new.final_status, new.released_by = "completed", "local"
+            await self._send(new.worker_id, Hangup(leg=new.id))
+            return
+        await self._send(old.worker_id, Unbridge(a=old.id, b=party.id))
+        old.peer = None
+        if conv.a_leg == old.id:
+            conv.a_leg = new.id
+        await self._retrieve_into(party, new)
+        if conv.state is ConversationState.SETUP:
+            conv.move(ConversationState.ACTIVE)
+            conv.answered_at = new.answered_at
+        self.bus.publish(
+            TransferCompleted(
+                conversation_id=conv.id, transfer_id="TR" + secrets.token_hex(8), flow="attended",
+                transferred_call=party.id, initiator_call=old.id, recipient_call=new.id,
+                target={"kind": "user" if new.user else "external", "id": new.from_},
+            )
+        )  # fmt: skip
+        await self._release_supervisor_of(conv, old)
+
     async def _release_after(self, leg_id: str, delay_s: float) -> None:
         """The transferor's phone ends its call once told the transfer worked (RFC 5589 §6.1); should it
         not, the node does."""
@@ -1385,7 +1457,16 @@ class CallControl:
             return
         await self._send(leg.worker_id, Reject(leg=leg.id, code=code, reason=reason))
 
-    async def _dial(self, conv: Conversation, a: Leg, action: actions.Dial, role: str = "callee") -> None:
+    async def _dial(
+        self,
+        conv: Conversation,
+        a: Leg,
+        action: actions.Dial,
+        role: str = "callee",
+        agent_id: str | None = None,
+    ) -> None:
+        """Call the user of `action` for `a`; `agent_id` names the agent on that device when the call is
+        a transfer to that agent (busy once it answers)."""
         target = action.target
         if target not in self.users:
             await self._reject(a, 404, "Not Found")
@@ -1396,7 +1477,7 @@ class CallControl:
         conv.max_duration_s = action.max_duration_s
         b = Leg(
             self._new_leg_id(), a.worker_id, conv.id, "outbound", role, a.from_, target,
-            user=target, created_at=self.clock(),
+            user=target, created_at=self.clock(), agent_id=agent_id, direct_agent=agent_id is not None,
         )  # fmt: skip
         conv.legs[b.id] = b
         self.legs[b.id] = b
@@ -1443,7 +1524,7 @@ class CallControl:
             self._publish(CallRinging, leg, early_media=early_media)
             if leg.id in self._refers:
                 return  # the transferred party hears what the transferor's hold gives it meanwhile
-            if leg.agent_id is not None and leg.id != conv.a_leg and self.queues is not None:
+            if leg.agent_id is not None and leg.offer and leg.id != conv.a_leg and self.queues is not None:
                 self.queues.offer_ringing(leg.agent_id, conv.id)
             consult = conv.consult
             if leg.role == "consult" and consult is not None and consult.recipient == leg.id:
@@ -1472,8 +1553,13 @@ class CallControl:
         leg.move(LegState.ANSWERED)
         leg.answered_at = now
         self._publish(CallAnswered, leg, answered_by=leg.user or leg.to)
+        if leg.direct_agent and self.queues is not None and leg.agent_id is not None:
+            self.queues.agent_call_started(leg.agent_id, conv.id)  # a transfer or consult to the agent
         if leg.id in self._refers:
             await self._phone_transfer_answered(conv, leg)
+            return
+        if leg.id in self._replacing:
+            await self._replacement_answered(conv, leg)
             return
         if leg.role == "consult" and (conv.consult is None or conv.consult.recipient == leg.id):
             await self._consult_answered(conv, leg)
@@ -1484,7 +1570,7 @@ class CallControl:
         if leg.role == "link":
             await self._link_answered(conv, leg)
             return
-        if leg.agent_id is not None and leg.id != conv.a_leg:
+        if leg.agent_id is not None and leg.offer and leg.id != conv.a_leg:
             if self.queues is not None:
                 self.queues.offer_answered(leg.agent_id, conv.id)  # the CTI layer connects the caller
             return
@@ -1544,7 +1630,7 @@ class CallControl:
         if self.queues is not None and leg.agent_id is not None:
             if answered or leg.id == conv.a_leg:  # an originating agent's call ends even unanswered
                 self.queues.agent_call_ended(leg.agent_id, conv.id, leg.talk_seconds())
-            elif remote and leg.released_by != "system":
+            elif remote and leg.released_by != "system" and leg.offer:
                 # Rejected, busy or unreachable: a missed offer. (A worker that died is no fault of the
                 # agent's: the caller's leg ends with it and the CTI layer withdraws the offer.)
                 self.queues.offer_failed(leg.agent_id, conv.id)
@@ -1553,7 +1639,7 @@ class CallControl:
                 await self._stop_recording(conv)
                 self._conversation_ended(conv)
             return
-        if leg.agent_id is not None and leg.id != conv.a_leg and leg.peer is None:
+        if leg.offer and leg.id != conv.a_leg and leg.peer is None:
             # An offer that ended (or an answer that came too late): the caller waits on for the next
             # one, or is with another agent; nothing else ends with it.
             if not conv.live_legs():

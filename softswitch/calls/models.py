@@ -72,7 +72,8 @@ class Leg:
     released_by: str = ""
     cause: str = ""
     peer: str | None = None  # the leg it is bridged with
-    agent_id: str | None = None  # a leg that offers a queue caller to this agent's device
+    agent_id: str | None = None  # the agent on the leg's device (a queue offer, a transfer or a consult)
+    direct_agent: bool = False  # the agent was called directly (transfer, consult), not offered a caller
     held: bool = False  # split from its peer and hearing music on hold (call.hold)
     room: str | None = None  # the conference room it is in (directly, or through a link)
     remote_held: bool = False  # its phone put the call on hold (sendonly/inactive re-INVITE)
@@ -85,6 +86,11 @@ class Leg:
         if state not in LEG_TRANSITIONS[self.state]:
             raise IllegalTransition(f"leg {self.id}: {self.state.value} -> {state.value}")
         self.state = state
+
+    @property
+    def offer(self) -> bool:
+        """A leg offering a queue caller to an agent (or an agent's own outbound call)."""
+        return self.agent_id is not None and not self.direct_agent
 
     @property
     def ended(self) -> bool:

@@ -150,10 +150,12 @@ class SendDtmfRequest(CallRequest):
 
 @dataclass(frozen=True, slots=True)
 class TransferRequest(CallRequest):
-    """`call.transfer` (blind) or `call.consult` (attended, first step) to `target`."""
+    """`call.transfer` (blind) or `call.consult` (attended, first step) to `target`; `target_device` is
+    the device of a target agent (logged in and ready)."""
 
     target_kind: str = ""
     target_id: str = ""
+    target_device: Device | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,10 +447,10 @@ class CommandHandlers:
     def _transfer(self, command: str, raw: Mapping[str, Any], actor: Actor, now: float) -> CommandResult:
         body = _parse(TransferBody, raw)
         by, agent_id, conversation_id = self._call_target(command, body, actor, "call")
-        self._check_target(body.target)
+        device = self._check_target(body.target)
         request = TransferRequest(
             command, body.request_id, by, agent_id, conversation_id, body.call_id, body.target.kind,
-            body.target.id,
+            body.target.id, device,
         )  # fmt: skip
         return CommandResult(None, Outcome(), request)
 
@@ -456,10 +458,11 @@ class CommandHandlers:
         body = _parse(ConsultBody, raw)
         target = CallTargetBody(agent_id=body.agent_id, request_id=body.request_id)
         by, agent_id, conversation_id = self._call_target(command, target, actor, "call")
-        self._check_target(body.target)
+        device = self._check_target(body.target)
         request = TransferRequest(
-            command, body.request_id, by, agent_id, conversation_id, None, body.target.kind, body.target.id
-        )
+            command, body.request_id, by, agent_id, conversation_id, None, body.target.kind, body.target.id,
+            device,
+        )  # fmt: skip
         return CommandResult(None, Outcome(), request)
 
     def _monitor(self, command: str, raw: Mapping[str, Any], actor: Actor, now: float) -> CommandResult:
@@ -554,11 +557,17 @@ class CommandHandlers:
             raise CommandError(NO_ACTIVE_CALL, f"agent {agent.id} has no call ({agent.state.value})")
         return by, agent.id, agent.conversation_id
 
-    def _check_target(self, target: TargetBody) -> None:
+    def _check_target(self, target: TargetBody) -> Device | None:
+        """A transfer or consult target that exists; for an agent, its device (the agent must be logged
+        in and ready: a transfer does not wait for a busy agent, a queue does)."""
         if target.kind == "agent":
-            self.core.agent(target.id)
-        elif target.kind == "queue":
+            agent = self._logged_in(target.id)
+            if agent.state is not AgentState.READY:
+                raise CommandError(INVALID_STATE, f"agent {agent.id} is {agent.state.value}, not ready")
+            return agent.device
+        if target.kind == "queue":
             self.core.queue(target.id)
+        return None
 
 
 def _parse(model: type[_B], raw: Mapping[str, Any]) -> _B:

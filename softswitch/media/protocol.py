@@ -341,6 +341,19 @@ class LegTransfer(Event):
 
 
 @dataclass(frozen=True)
+class LegReplaced(Event):
+    """An INVITE with ``Replaces`` (RFC 3891) took the place of ``leg``: the worker answered the new one,
+    ``new_leg`` (an incoming leg like any, but announced by this event instead of ``leg.incoming``), and
+    ends ``leg`` (BYE)."""
+
+    type: ClassVar[str] = "leg.replaced"
+    leg: str
+    new_leg: str
+    sip_call_id: str
+    from_uri: str
+
+
+@dataclass(frozen=True)
 class PlayerDone(Event):
     """A non-looping :class:`Play` reached the end of its last file."""
 
@@ -402,7 +415,8 @@ COMMAND_TYPES: Final[dict[str, type[Command]]] = {
     )
 }
 EVENT_TYPES: Final[dict[str, type[Event]]] = {
-    e.type: e for e in (WorkerReady, LegIncoming, LegState, LegMedia, LegDtmf, LegTransfer, PlayerDone)
+    e.type: e
+    for e in (WorkerReady, LegIncoming, LegState, LegMedia, LegDtmf, LegTransfer, LegReplaced, PlayerDone)
 }
 
 Message: TypeAlias = Command | Event | Reply

@@ -68,6 +68,7 @@ from softswitch.media.protocol import (
     LegDtmf,
     LegIncoming,
     LegMedia,
+    LegReplaced,
     LegState,
     LegTransfer,
     Listen,
@@ -424,6 +425,10 @@ class _Call(pj.Call):  # type: ignore[misc]
     @_guarded
     def onCallTransferRequest(self, prm: Any) -> None:
         self.worker._on_transfer_request(self, prm)
+
+    @_guarded
+    def onCallReplaced(self, prm: Any) -> None:
+        self.worker._on_replaced(self, prm)
 
     @_guarded
     def onDtmfDigit(self, prm: Any) -> None:
@@ -939,6 +944,27 @@ class Worker:
         target = str(prm.dstUri)
         log.info("transfer requested by the phone", leg=leg.id, new_leg=new_id, target=target)
         self._emit(LegTransfer(leg.id, new_id, target))
+
+    def _on_replaced(self, call: _Call, prm: Any) -> None:
+        """An INVITE with Replaces took this call's place (RFC 3891): the library answers the new call
+        and ends this one; the new one is a leg of ours from now on."""
+        old = self._legs.get(call.leg_id)
+        if old is None:
+            return
+        new_call = _Call(self, self._account, int(prm.newCallId))
+        self._next_leg += 1
+        new_id = f"{self.options.worker_id}-{self._next_leg}"
+        new_call.leg_id = new_id
+        info = new_call.getInfo()
+        account_id = int(info.accId)
+        self._account_refs[account_id] += 1
+        sip_call_id = str(info.callIdString)
+        self._legs[new_id] = _Leg(new_id, new_call, True, sip_call_id, account_id)
+        prm.newCall = new_call
+        old.ending, old.released_by = True, "local"
+        _, from_uri = parse_name_addr(str(info.remoteUri))
+        log.info("call replaced", leg=old.id, new_leg=new_id)
+        self._emit(LegReplaced(old.id, new_id, sip_call_id, from_uri))
 
     def _on_media_state(self, call: _Call) -> None:
         if self._probing is not None:

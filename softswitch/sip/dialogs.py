@@ -65,6 +65,11 @@ class WorkerDialogs:
         while len(self._dialogs) > MAX_TRACKED_DIALOGS:
             self._dialogs.popitem(last=False)
 
+    def worker_of(self, call_id: str) -> Flow | None:
+        """The worker in the dialog `call_id`, if the edge knows it."""
+        dialog = self._dialogs.get(call_id)
+        return dialog.worker if dialog is not None else None
+
     def request_seen(self, request: SipRequest, source: Flow) -> None:
         """An in-dialog request passed: BYE ends the dialog; a worker's request raises the CSeq."""
         dialog = self._dialogs.get(request.get("Call-ID") or "")

@@ -368,7 +368,11 @@ class EdgeCore:
             self._reply(
                 txn,
                 200,
-                headers=[("Allow", ALLOWED_METHODS), ("Accept", "application/sdp"), ("Supported", "path")],
+                headers=[
+                    ("Allow", ALLOWED_METHODS),
+                    ("Accept", "application/sdp"),
+                    ("Supported", "path, replaces"),
+                ],
                 now=now,
             )
             return
@@ -393,9 +397,36 @@ class EdgeCore:
             if from_user != identity:
                 raise SipError(403, "From does not match the authenticated user")
             if request.method == "INVITE" and self.media_dispatch is not None:
-                self._route_to_media(txn, identity, now)
+                if not self._route_replaces(txn, identity, now):
+                    self._route_to_media(txn, identity, now)
                 return
+        elif request.method == "INVITE" and self._route_replaces(txn, identity, now):
+            return
         self._route_initial(txn, identity, now)
+
+    def _route_replaces(self, txn: ServerTransaction, identity: str | None, now: float) -> bool:
+        """An INVITE with `Replaces` (RFC 3891) naming a dialog between a phone and a media worker goes to
+        that worker, which holds the dialog and so can replace it (the second half of an attended
+        transfer: from the transferee's worker, or from a phone). False when the edge knows no such
+        dialog: the INVITE is routed as usual, and whoever receives it answers for the dialog (481)."""
+        request = txn.request
+        replaces = request.get("Replaces")
+        if not replaces or self.media_dispatch is None:
+            return False
+        worker = self.worker_dialogs.worker_of(replaces.split(";", 1)[0].strip())
+        if worker is None:
+            return False
+        ctx = ProxyContext(server=txn, record_routed=True, caller_flow=txn.flow)
+        self._contexts[txn.id] = ctx
+        self._reply(txn, 100, "Trying", now=now)
+        copy = request.copy()
+        if identity is not None:
+            copy.add(proxy.IDENTITY_HEADER, identity)
+        log.info(
+            "INVITE with Replaces steered to the worker of the dialog", worker=f"{worker.host}:{worker.port}"
+        )
+        self._forward(ctx, copy, worker, None, 0, now)
+        return True
 
     def _route_to_media(self, txn: ServerTransaction, identity: str | None, now: float) -> None:
         """A call from a phone becomes the A-leg of a conversation on the worker with most room."""

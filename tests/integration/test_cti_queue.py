@@ -390,3 +390,44 @@ async def test_a_waiting_caller_leaves_the_queue_by_key(tmp_path: Path, sipp: Si
     assert dequeued["reason"] == "left", dequeued
     (ended,) = [e["data"] for e in events if e["type"] == "call.ended"]
     assert (ended["final_status"], ended["released_by"]) == ("completed", "local"), ended
+
+
+@pytest.mark.timeout(150)
+async def test_an_agent_blind_transfers_the_customer_to_another_agent(tmp_path: Path, sipp: Sipp) -> None:
+    """call.transfer to an agent: refused while that agent is not logged in; once it is ready, its phone
+    rings, it is busy with the customer (who it may act on by command), and wraps up afterwards."""
+    with running_softswitch(tmp_path / "node", AGENTS_TOML) as node:
+        assert node.mqtt_port is not None
+        async with (
+            collecting(node.mqtt_port, f"{PREFIX}/#") as collector,
+            commander(node.mqtt_port, v5=False) as app,
+        ):
+            first = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_answer_hold")
+            second = await asyncio.to_thread(_phone, sipp, node, "1002", "uas_answer_hold")
+            await _login(app, "8001")
+            await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
+            customer = await asyncio.to_thread(_customer, sipp, node, TRANSFER_HOLD_MS)
+            await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
+            to_8002 = {"agent_id": "8001", "target": {"kind": "agent", "id": "8002"}}
+            refused = await app.call("call.transfer", to_8002)
+            assert (refused["ok"], refused["code"]) == (False, "agent_not_logged_in"), refused
+            await _login(app, "8002")
+            await collector.until(lambda ev: _states(ev, "8002")[-1:] == [("ready", None)])
+            moved = await app.call("call.transfer", to_8002)
+            assert moved["ok"], moved
+            await collector.until(lambda ev: [s for s, _ in _states(ev, "8002")][-1:] == ["busy"])
+            holding = await app.call("call.hold", {"agent_id": "8002"})  # the new agent acts on the call
+            assert holding["ok"], holding
+            called = await asyncio.to_thread(customer.wait)
+            answered = [await asyncio.to_thread(p.wait) for p in (first, second)]
+            assert called.ok, called.describe()
+            assert all(r.ok and r.successful == 1 for r in answered), [r.describe() for r in answered]
+            events = await collector.until(_settled("8002", "ready", "wrap_up"))
+            events = await collector.until(_settled("8001", "ready", "wrap_up"))
+
+    assert_valid_and_gap_free(events)
+    (done,) = [e["data"] for e in events if e["type"] == "transfer.completed"]
+    assert done["target"] == {"kind": "agent", "id": "8002"}, done
+    assert [s for s, _ in _states(events, "8002")][-3:] == ["busy", "wrap_up", "ready"], _states(
+        events, "8002"
+    )

@@ -11,12 +11,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.audio import make_tone, tone_levels
+from tests.integration.audio import make_tone, read_wav, rms, tone_levels
 from tests.integration.conftest import DEMO_PASSWORDS, TONE_A_HZ, TONE_B_HZ, PhoneFactory, Tones
 from tests.integration.helpers import running_softswitch
 from tests.integration.peers import Sipp
@@ -34,6 +35,8 @@ HEARD = 0.08
 SILENT = 0.02
 INFO_PAUSE_MS = 1500  # the SIPp caller's wait before its INFO, and again before its BYE
 SIPP_TIMEOUT_S = 30.0
+REPLACES_HOLD_MS = 6000  # the newcomer's call: long enough to hear it, within SIPp's 7 s sample
+VOICE_RMS = 0.02  # speech is louder than this (-34 dBFS); silence is far below
 
 
 def _has(event_type: str, **data: Any) -> Any:
@@ -185,3 +188,71 @@ async def test_a_phone_transfers_its_call_with_refer(
     assert any(m.method == "REFER" for m in refer), transferor.log_tail()
     notify = [m.text for m in refer if m.method == "NOTIFY"]
     assert any("SIP/2.0 200" in text for text in notify), notify  # sipfrag: the target answered
+
+
+def _header(text: str, name: str) -> str:
+    match = re.search(rf"^{name}:\s*(.+?)\s*$", text, re.M | re.I)
+    assert match is not None, (name, text)
+    return match.group(1)
+
+
+def _tag(value: str) -> str:
+    match = re.search(r";\s*tag=([^;>\s]+)", value)
+    assert match is not None, value
+    return match.group(1)
+
+
+@pytest.mark.timeout(120)
+async def test_an_invite_with_replaces_takes_over_a_call(
+    tmp_path: Path, phones: PhoneFactory, tones: Tones, sipp: Sipp
+) -> None:
+    """1001 calls 1002; a third phone (1003, SIPp) sends INVITE with `Replaces` naming 1001's dialog with
+    the node (RFC 3891, how an attended transfer ends). The edge steers it to the worker that holds that
+    dialog, which answers it and ends 1001's leg: 1002 now hears the new phone's audio, not 1001."""
+    with running_softswitch(tmp_path / "node") as node:
+        assert node.mqtt_port is not None
+        caller = phones.start("1001", tones.a, registrar_port=node.sip_port)
+        callee = phones.start("1002", tones.b, registrar_port=node.sip_port)
+        for phone in (caller, callee):
+            await asyncio.to_thread(phone.wait_registered)
+        async with collecting(node.mqtt_port, f"{PREFIX}/#") as collector:
+            await asyncio.to_thread(caller.dial, f"sip:1002@127.0.0.1:{node.sip_port}")
+            for phone in (caller, callee):
+                await asyncio.to_thread(phone.wait_event, "CALL_ESTABLISHED", EVENT_TIMEOUT_S)
+            await collector.until(_has("call.bridged"), EVENT_TIMEOUT_S)
+            ok = next(
+                m.text for m in caller.sip_trace()
+                if m.status == 200 and re.search(r"^CSeq:\s*\d+\s+INVITE", m.text, re.M | re.I)
+            )  # fmt: skip
+            # Seen from the node (the UA receiving the Replaces), its own tag is the to-tag.
+            tags = f"to-tag={_tag(_header(ok, 'To'))};from-tag={_tag(_header(ok, 'From'))}"
+            replaces = f"{_header(ok, 'Call-ID')};{tags}"
+            await asyncio.sleep(SETTLE_S)
+            talk = (callee.heard_s(), 0.0)
+            await asyncio.sleep(PHASE_S)
+            talk = (talk[0], callee.heard_s())
+            newcomer = sipp.start(
+                "uac_replaces", node.sip_port, users=[("1003", DEMO_PASSWORDS["1003"])], calls=1,
+                timeout_s=SIPP_TIMEOUT_S, sets={"replaces": replaces},
+                extra_args=["-s", "1001", "-d", str(REPLACES_HOLD_MS)],
+            )  # fmt: skip
+            events = await collector.until(_has("transfer.completed", flow="attended"), EVENT_TIMEOUT_S)
+            await asyncio.to_thread(caller.wait_event, "CALL_CLOSED", EVENT_TIMEOUT_S)
+            await asyncio.sleep(SETTLE_S)
+            start = callee.heard_s()
+            await asyncio.sleep(PHASE_S)
+            replaced = (start, callee.heard_s())
+            result = await asyncio.to_thread(newcomer.wait)
+            assert result.ok and result.successful == 1, result.describe()
+            events = await collector.until(_has("conversation.ended"), EVENT_TIMEOUT_S)
+    recording = callee.received_wav()
+    before = tone_levels(recording, (TONE_A_HZ,), talk[0] + EDGE_S, talk[1] - EDGE_S)
+    after = tone_levels(recording, (TONE_A_HZ,), replaced[0] + EDGE_S, replaced[1] - EDGE_S)
+    samples = read_wav(recording)
+    rate = samples.rate_hz
+    voice = rms(samples.samples[int((replaced[0] + EDGE_S) * rate) : int((replaced[1] - EDGE_S) * rate)])
+    assert before[TONE_A_HZ] > HEARD and after[TONE_A_HZ] < SILENT, (before, after)
+    assert voice > VOICE_RMS, voice  # SIPp's A-law speech sample
+    assert_valid_and_gap_free(events)
+    (done,) = [e["data"] for e in events if e["type"] == "transfer.completed"]
+    assert done["target"] == {"kind": "user", "id": "1003"}, done

@@ -76,6 +76,10 @@ class ScriptedMedia:
 
 
 class Plan:
+    def __init__(self) -> None:
+        support = actions.ActionTemplate(actions.Queue("support"))
+        self.menus = {"demo": actions.IvrMenu("demo", "ivr_demo", {"1": support})}
+
     def route(self, number: str, *, caller: str = "") -> actions.Action | None:
         if number.startswith("1"):
             return actions.Dial(target=number, timeout_s=20, max_duration_s=0.3 if number == "1004" else None)
@@ -740,4 +744,23 @@ async def test_a_direct_link_to_an_unknown_token_is_refused() -> None:
     f = Fixture()
     await f.incoming("link-0123456789abcdef01234567", "w1-9")
     assert f.media.take() == [Reject(leg="w1-9", code=404, reason="Not Found")]
+    assert not f.control.conversations
+
+
+async def test_a_blind_transfer_to_an_ivr_menu_plays_it_to_the_customer() -> None:
+    f = Fixture()
+    _conversation, customer, agent = await _talking(f)
+    with pytest.raises(CtiError) as raised:
+        await f.control.execute(
+            TransferRequest("call.transfer", None, None, None, None, agent, "ivr", "nope")
+        )
+    assert raised.value.code == INVALID_STATE
+    await f.control.execute(TransferRequest("call.transfer", None, None, None, None, agent, "ivr", "demo"))
+    await f.settle()
+    unbridge, hangup, prompt = f.media.take()[:3]
+    assert (unbridge, hangup) == (Unbridge(a=agent, b=customer), Hangup(leg=agent))
+    assert isinstance(prompt, Play) and prompt.leg == customer and _names(prompt) == ["ivr_demo"]
+    assert [t for t in f.types() if t.startswith("transfer.")] == ["transfer.initiated", "transfer.completed"]
+    await f.state(agent, "disconnected", 200, by="local")
+    await f.state(customer, "disconnected", 200, by="remote")
     assert not f.control.conversations

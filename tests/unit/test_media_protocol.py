@@ -27,6 +27,7 @@ from softswitch.media.protocol import (
     LegDtmf,
     LegIncoming,
     LegMedia,
+    LegReplaced,
     LegState,
     LegTransfer,
     Listen,
@@ -80,6 +81,7 @@ EVERY_MESSAGE: list[Message] = [
     Record("RE1", "/data/recordings/CV1/RE1.wav", ["w1-1", "b-1"], id=17),
     StopRecord("RE1", id=18),
     LegTransfer("w1-1", "w1-7", "sip:8000@127.0.0.1:5060"),
+    LegReplaced("w1-1", "w1-8", "abc@127.0.0.1", "sip:1003@127.0.0.1"),
     WorkerReady("w1", "127.0.0.1", 40000, 1024, "high-capacity", "2.12.1", "20000-24999", 4242),
     LegIncoming(
         "w1-1",
