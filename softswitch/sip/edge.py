@@ -416,17 +416,23 @@ class EdgeCore:
         worker = self.worker_dialogs.worker_of(replaces.split(";", 1)[0].strip())
         if worker is None:
             return False
-        ctx = ProxyContext(server=txn, record_routed=True, caller_flow=txn.flow)
-        self._contexts[txn.id] = ctx
-        self._reply(txn, 100, "Trying", now=now)
-        copy = request.copy()
-        if identity is not None:
-            copy.add(proxy.IDENTITY_HEADER, identity)
         log.info(
             "INVITE with Replaces steered to the worker of the dialog", worker=f"{worker.host}:{worker.port}"
         )
-        self._forward(ctx, copy, worker, None, 0, now)
+        self._forward_to_worker(txn, identity, worker, now)
         return True
+
+    def _forward_to_worker(
+        self, txn: ServerTransaction, identity: str | None, worker: Flow, now: float
+    ) -> None:
+        """Proxy the INVITE to a media worker, record-routed, vouching for the caller's `identity`."""
+        ctx = ProxyContext(server=txn, record_routed=True, caller_flow=txn.flow)
+        self._contexts[txn.id] = ctx
+        self._reply(txn, 100, "Trying", now=now)
+        copy = txn.request.copy()
+        if identity is not None:
+            copy.add(proxy.IDENTITY_HEADER, identity)
+        self._forward(ctx, copy, worker, None, 0, now)
 
     def _route_to_media(self, txn: ServerTransaction, identity: str | None, now: float) -> None:
         """A call from a phone becomes the A-leg of a conversation on the worker with most room."""
@@ -438,14 +444,7 @@ class EdgeCore:
         if worker is None:
             self.metrics.calls_refused.labels(reason="capacity").inc()
             raise SipError(503, "Service Unavailable (no call capacity)", [("Retry-After", "5")])
-        request = txn.request
-        ctx = ProxyContext(server=txn, record_routed=True, caller_flow=txn.flow)
-        self._contexts[txn.id] = ctx
-        self._reply(txn, 100, "Trying", now=now)
-        copy = request.copy()
-        if identity is not None:
-            copy.add(proxy.IDENTITY_HEADER, identity)
-        self._forward(ctx, copy, worker, None, 0, now)
+        self._forward_to_worker(txn, identity, worker, now)
 
     # -- authentication (RFC 3261 §22, RFC 7616) ---------------------------------------------------
 

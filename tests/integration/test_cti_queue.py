@@ -114,6 +114,20 @@ async def _login(app: Any, *agents: str) -> None:
         await asyncio.sleep(0.05)  # logged in one after the other: 8001 has been idle longest
 
 
+async def _8001_talks_to_a_customer(
+    app: Any, collector: Any, sipp: Sipp, node: RunningSoftswitch, other_phone: str
+) -> tuple[SippProcess, SippProcess, SippProcess]:
+    """Agent 8001 (phone 1001) logged in and busy with a queue customer who stays TRANSFER_HOLD_MS;
+    `other_phone` registered and answering. Returns the agent's phone, the other phone, the customer."""
+    agent_phone = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_answer_hold")
+    other = await asyncio.to_thread(_phone, sipp, node, other_phone, "uas_answer_hold")
+    await _login(app, "8001")
+    await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
+    customer = await asyncio.to_thread(_customer, sipp, node, TRANSFER_HOLD_MS)
+    await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
+    return agent_phone, other, customer
+
+
 @pytest.mark.timeout(150)
 async def test_a_queue_call_is_answered_by_an_agent(tmp_path: Path, sipp: Sipp) -> None:
     with running_softswitch(tmp_path / "node", AGENTS_TOML) as node:
@@ -305,12 +319,9 @@ async def test_an_agent_blind_transfers_the_customer_to_a_user(tmp_path: Path, s
             collecting(node.mqtt_port, f"{PREFIX}/#") as collector,
             commander(node.mqtt_port, v5=False) as app,
         ):
-            agent_phone = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_answer_hold")
-            target_phone = await asyncio.to_thread(_phone, sipp, node, "1004", "uas_answer_hold")
-            await _login(app, "8001")
-            await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
-            customer = await asyncio.to_thread(_customer, sipp, node, TRANSFER_HOLD_MS)
-            await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
+            agent_phone, target_phone, customer = await _8001_talks_to_a_customer(
+                app, collector, sipp, node, "1004"
+            )
             to_1003 = {"agent_id": "8001", "target": {"kind": "user", "id": "1003"}}
             nowhere = await app.call("call.transfer", to_1003)
             assert (nowhere["ok"], nowhere["code"]) == (False, "device_unavailable"), (
@@ -402,12 +413,7 @@ async def test_an_agent_blind_transfers_the_customer_to_another_agent(tmp_path: 
             collecting(node.mqtt_port, f"{PREFIX}/#") as collector,
             commander(node.mqtt_port, v5=False) as app,
         ):
-            first = await asyncio.to_thread(_phone, sipp, node, "1001", "uas_answer_hold")
-            second = await asyncio.to_thread(_phone, sipp, node, "1002", "uas_answer_hold")
-            await _login(app, "8001")
-            await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("ready", None)])
-            customer = await asyncio.to_thread(_customer, sipp, node, TRANSFER_HOLD_MS)
-            await collector.until(lambda ev: _states(ev, "8001")[-1:] == [("busy", "queue")])
+            first, second, customer = await _8001_talks_to_a_customer(app, collector, sipp, node, "1002")
             to_8002 = {"agent_id": "8001", "target": {"kind": "agent", "id": "8002"}}
             refused = await app.call("call.transfer", to_8002)
             assert (refused["ok"], refused["code"]) == (False, "agent_not_logged_in"), refused

@@ -26,7 +26,7 @@ from tests.integration.conftest import PhoneFactory
 from tests.integration.helpers import running_softswitch
 from tests.integration.peers import Baresip
 from tests.integration.test_cti_mqtt import commander
-from tests.integration.test_mqtt_sink import assert_valid_and_gap_free, collecting
+from tests.integration.test_mqtt_sink import assert_valid_and_gap_free, collecting, event_with
 
 pytestmark = pytest.mark.integration
 
@@ -110,15 +110,6 @@ def _count(event_type: str, count: int) -> Callable[[list[dict[str, Any]]], bool
     return lambda events: sum(e["type"] == event_type for e in events) >= count
 
 
-def _has(event_type: str, **data: Any) -> Callable[[list[dict[str, Any]]], bool]:
-    def done(events: list[dict[str, Any]]) -> bool:
-        return any(
-            e["type"] == event_type and all(e["data"].get(k) == v for k, v in data.items()) for e in events
-        )
-
-    return done
-
-
 @pytest.mark.timeout(240)
 async def test_who_hears_whom_through_supervision_mute_consult_and_conference(
     tmp_path: Path, phones: PhoneFactory
@@ -150,7 +141,7 @@ async def test_who_hears_whom_through_supervision_mute_consult_and_conference(
                 return data
 
             async def until(event_type: str, **data: Any) -> list[dict[str, Any]]:
-                return await collector.until(_has(event_type, **data), EVENT_TIMEOUT_S)
+                return await collector.until(event_with(event_type, **data), EVENT_TIMEOUT_S)
 
             await ok("agent.login", {"agent_id": "8002", "password": "demo8002", "state": "not_ready"})
             await ok("agent.login", {"agent_id": "8001", "password": "demo8001"})

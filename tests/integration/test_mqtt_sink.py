@@ -208,6 +208,17 @@ class Collector:
         return out
 
 
+def event_with(event_type: str, **data: Any) -> Callable[[list[dict[str, Any]]], bool]:
+    """A `Collector.until` condition: an event of `event_type` whose data has these values arrived."""
+
+    def done(events: list[dict[str, Any]]) -> bool:
+        return any(
+            e["type"] == event_type and all(e["data"].get(k) == v for k, v in data.items()) for e in events
+        )
+
+    return done
+
+
 @contextlib.asynccontextmanager
 async def collecting(
     port: int, topic: str = ALL_TOPICS, identifier: str = "collector"

@@ -13,15 +13,14 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.integration.audio import make_tone, read_wav, rms, tone_levels
 from tests.integration.conftest import DEMO_PASSWORDS, TONE_A_HZ, TONE_B_HZ, PhoneFactory, Tones
-from tests.integration.helpers import running_softswitch
-from tests.integration.peers import Sipp
-from tests.integration.test_mqtt_sink import assert_valid_and_gap_free, collecting
+from tests.integration.helpers import RunningSoftswitch, running_softswitch
+from tests.integration.peers import Baresip, Sipp
+from tests.integration.test_mqtt_sink import Collector, assert_valid_and_gap_free, collecting, event_with
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +38,17 @@ REPLACES_HOLD_MS = 6000  # the newcomer's call: long enough to hear it, within S
 VOICE_RMS = 0.02  # speech is louder than this (-34 dBFS); silence is far below
 
 
-def _has(event_type: str, **data: Any) -> Any:
-    def done(events: list[dict[str, Any]]) -> bool:
-        return any(
-            e["type"] == event_type and all(e["data"].get(k) == v for k, v in data.items()) for e in events
-        )
+async def _registered(*phones: Baresip) -> None:
+    for phone in phones:
+        await asyncio.to_thread(phone.wait_registered)
 
-    return done
+
+async def _in_a_call(node: RunningSoftswitch, caller: Baresip, callee: Baresip, collector: Collector) -> None:
+    """`caller` dials `callee`'s user through the node; back once both talk and the legs are bridged."""
+    await asyncio.to_thread(caller.dial, f"sip:{callee.user}@127.0.0.1:{node.sip_port}")
+    for phone in (caller, callee):
+        await asyncio.to_thread(phone.wait_event, "CALL_ESTABLISHED", EVENT_TIMEOUT_S)
+    await collector.until(event_with("call.bridged"), EVENT_TIMEOUT_S)
 
 
 @pytest.mark.timeout(120)
@@ -56,13 +59,9 @@ async def test_hold_and_resume_from_a_phone_and_dtmf_across_the_bridge(
         assert node.mqtt_port is not None
         caller = phones.start("1001", tones.a, registrar_port=node.sip_port)
         callee = phones.start("1002", tones.b, registrar_port=node.sip_port)
-        for phone in (caller, callee):
-            await asyncio.to_thread(phone.wait_registered)
+        await _registered(caller, callee)
         async with collecting(node.mqtt_port, f"{PREFIX}/#") as collector:
-            await asyncio.to_thread(caller.dial, f"sip:1002@127.0.0.1:{node.sip_port}")
-            for phone in (caller, callee):
-                await asyncio.to_thread(phone.wait_event, "CALL_ESTABLISHED", EVENT_TIMEOUT_S)
-            await collector.until(_has("call.bridged"), EVENT_TIMEOUT_S)
+            await _in_a_call(node, caller, callee, collector)
 
             # RFC 4733 both ways: each phone's key reaches the other phone.
             await asyncio.to_thread(caller.command, "sndcode", "5")
@@ -82,13 +81,13 @@ async def test_hold_and_resume_from_a_phone_and_dtmf_across_the_bridge(
 
             await phase("talk")
             await asyncio.to_thread(caller.command, "hold")
-            await collector.until(_has("call.held", by="remote", role="caller"), EVENT_TIMEOUT_S)
+            await collector.until(event_with("call.held", by="remote", role="caller"), EVENT_TIMEOUT_S)
             await phase("held")
             await asyncio.to_thread(caller.command, "resume")
-            await collector.until(_has("call.retrieved", by="remote", role="caller"), EVENT_TIMEOUT_S)
+            await collector.until(event_with("call.retrieved", by="remote", role="caller"), EVENT_TIMEOUT_S)
             await phase("resumed")
             await asyncio.to_thread(caller.hangup)
-            events = await collector.until(_has("conversation.ended"), EVENT_TIMEOUT_S)
+            events = await collector.until(event_with("conversation.ended"), EVENT_TIMEOUT_S)
 
     recording = callee.received_wav()
     frequencies = (TONE_A_HZ, TONE_B_HZ, *MUSIC_ON_HOLD_HZ)
@@ -116,7 +115,7 @@ async def test_a_key_sent_by_sip_info_reaches_the_far_phone_as_rfc4733(
     with running_softswitch(tmp_path / "node") as node:
         assert node.mqtt_port is not None
         callee = phones.start("1002", tones.b, registrar_port=node.sip_port)
-        await asyncio.to_thread(callee.wait_registered)
+        await _registered(callee)
         async with collecting(node.mqtt_port, f"{PREFIX}/#") as collector:
             caller = sipp.start(
                 "uac_info_dtmf", node.sip_port, users=[("1001", DEMO_PASSWORDS["1001"])], calls=1,
@@ -126,7 +125,7 @@ async def test_a_key_sent_by_sip_info_reaches_the_far_phone_as_rfc4733(
             assert heard.param == "7", heard.raw
             result = await asyncio.to_thread(caller.wait)
             assert result.ok and result.successful == 1, result.describe()
-            events = await collector.until(_has("conversation.ended"), EVENT_TIMEOUT_S)
+            events = await collector.until(event_with("conversation.ended"), EVENT_TIMEOUT_S)
     dtmf = [(e["data"]["digit"], e["data"]["method"]) for e in events if e["type"] == "call.dtmf"]
     assert dtmf == [("7", "info")], dtmf
 
@@ -148,14 +147,11 @@ async def test_a_phone_transfers_its_call_with_refer(
         caller = phones.start("1001", tones.a, registrar_port=node.sip_port)
         transferor = phones.start("1002", tones.b, registrar_port=node.sip_port)
         receiver = phones.start("1004", target_tone, registrar_port=node.sip_port)
-        for phone in (caller, transferor, receiver):
-            await asyncio.to_thread(phone.wait_registered)
+        await _registered(caller, transferor, receiver)
         async with collecting(node.mqtt_port, f"{PREFIX}/#") as collector:
-            await asyncio.to_thread(caller.dial, f"sip:1002@127.0.0.1:{node.sip_port}")
-            await asyncio.to_thread(transferor.wait_event, "CALL_ESTABLISHED", EVENT_TIMEOUT_S)
-            await collector.until(_has("call.bridged"), EVENT_TIMEOUT_S)
+            await _in_a_call(node, caller, transferor, collector)
             await asyncio.to_thread(transferor.command, "transfer", f"sip:{target}@127.0.0.1:{node.sip_port}")
-            events = await collector.until(_has("transfer.completed", flow="blind"), EVENT_TIMEOUT_S)
+            events = await collector.until(event_with("transfer.completed", flow="blind"), EVENT_TIMEOUT_S)
             await asyncio.to_thread(transferor.wait_event, "CALL_CLOSED", EVENT_TIMEOUT_S)
             if target == "1004":
                 await asyncio.to_thread(receiver.wait_event, "CALL_ESTABLISHED", EVENT_TIMEOUT_S)
@@ -213,13 +209,9 @@ async def test_an_invite_with_replaces_takes_over_a_call(
         assert node.mqtt_port is not None
         caller = phones.start("1001", tones.a, registrar_port=node.sip_port)
         callee = phones.start("1002", tones.b, registrar_port=node.sip_port)
-        for phone in (caller, callee):
-            await asyncio.to_thread(phone.wait_registered)
+        await _registered(caller, callee)
         async with collecting(node.mqtt_port, f"{PREFIX}/#") as collector:
-            await asyncio.to_thread(caller.dial, f"sip:1002@127.0.0.1:{node.sip_port}")
-            for phone in (caller, callee):
-                await asyncio.to_thread(phone.wait_event, "CALL_ESTABLISHED", EVENT_TIMEOUT_S)
-            await collector.until(_has("call.bridged"), EVENT_TIMEOUT_S)
+            await _in_a_call(node, caller, callee, collector)
             ok = next(
                 m.text for m in caller.sip_trace()
                 if m.status == 200 and re.search(r"^CSeq:\s*\d+\s+INVITE", m.text, re.M | re.I)
@@ -236,7 +228,7 @@ async def test_an_invite_with_replaces_takes_over_a_call(
                 timeout_s=SIPP_TIMEOUT_S, sets={"replaces": replaces},
                 extra_args=["-s", "1001", "-d", str(REPLACES_HOLD_MS)],
             )  # fmt: skip
-            events = await collector.until(_has("transfer.completed", flow="attended"), EVENT_TIMEOUT_S)
+            events = await collector.until(event_with("transfer.completed", flow="attended"), EVENT_TIMEOUT_S)
             await asyncio.to_thread(caller.wait_event, "CALL_CLOSED", EVENT_TIMEOUT_S)
             await asyncio.sleep(SETTLE_S)
             start = callee.heard_s()
@@ -244,7 +236,7 @@ async def test_an_invite_with_replaces_takes_over_a_call(
             replaced = (start, callee.heard_s())
             result = await asyncio.to_thread(newcomer.wait)
             assert result.ok and result.successful == 1, result.describe()
-            events = await collector.until(_has("conversation.ended"), EVENT_TIMEOUT_S)
+            events = await collector.until(event_with("conversation.ended"), EVENT_TIMEOUT_S)
     recording = callee.received_wav()
     before = tone_levels(recording, (TONE_A_HZ,), talk[0] + EDGE_S, talk[1] - EDGE_S)
     after = tone_levels(recording, (TONE_A_HZ,), replaced[0] + EDGE_S, replaced[1] - EDGE_S)
