@@ -661,9 +661,12 @@ class EdgeCore:
         dest = self._dialog_destination(request, route_uri, txn.flow)
         if not self.trusted(txn.flow):
             proxy.strip_untrusted_identity(request)
+        copy = request.copy()
+        if self.trusted(dest):
+            proxy.dtmf_info_as_relay(copy)  # the workers read keys sent by INFO in the dtmf-relay form
         ctx = ProxyContext(server=txn, record_routed=False, caller_flow=txn.flow)
         self._contexts[txn.id] = ctx
-        self._forward(ctx, request.copy(), dest, None, 0, now)
+        self._forward(ctx, copy, dest, None, 0, now)
 
     def _forward_ack(self, ack: SipRequest, flow: Flow) -> None:
         """The ACK of a 2xx is forwarded statelessly along the dialog's route (RFC 3261 §16.11)."""

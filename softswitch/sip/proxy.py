@@ -186,3 +186,24 @@ def find_our_record_route(values: list[str], is_us: IsUs) -> int | None:
         if is_us.uri(na.uri) and na.uri.has_param(FLOW_TOKEN_PARAM):
             return i
     return None
+
+
+#: Key presses an `application/dtmf` body may carry (RFC 4733 §3.2 events 0-15).
+DTMF_KEYS = frozenset("0123456789*#ABCD")
+#: Duration given to a key that arrived without one (`application/dtmf` carries none), in milliseconds.
+DTMF_INFO_DURATION_MS = 250
+
+
+def dtmf_info_as_relay(request: SipRequest) -> bool:
+    """Rewrite an INFO whose body is `application/dtmf` (the key alone, as some phones send it) into the
+    `application/dtmf-relay` form (`Signal=` / `Duration=`) the media workers read; True when it did.
+    Any other INFO is left as it is."""
+    content_type = (request.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+    if request.method != "INFO" or content_type != "application/dtmf":
+        return False
+    key = request.body.decode("ascii", "replace").strip().upper()
+    if key not in DTMF_KEYS:
+        raise SipError(400, "Bad Request (application/dtmf body is not one key)")
+    request.set("Content-Type", "application/dtmf-relay")
+    request.body = f"Signal={key}\r\nDuration={DTMF_INFO_DURATION_MS}\r\n".encode()
+    return True

@@ -26,7 +26,7 @@ from tests.integration.conftest import PhoneFactory
 from tests.integration.helpers import running_softswitch
 from tests.integration.peers import Baresip
 from tests.integration.test_cti_mqtt import commander
-from tests.integration.test_mqtt_sink import assert_valid_and_gap_free, collecting, event_with
+from tests.integration.test_mqtt_sink import Collector, assert_valid_and_gap_free, collecting, event_with
 
 pytestmark = pytest.mark.integration
 
@@ -106,6 +106,22 @@ def _types(events: list[dict[str, Any]]) -> list[str]:
     return [e["type"] for e in events]
 
 
+class Cti:
+    """Commands over MQTT that must succeed, and waits for events, for one test."""
+
+    def __init__(self, app: Any, collector: Collector) -> None:
+        self.app, self.collector = app, collector
+
+    async def ok(self, command: str, body: dict[str, Any]) -> dict[str, Any]:
+        reply = await self.app.call(command, body)
+        assert reply["ok"], (command, reply)
+        data: dict[str, Any] = reply["data"]
+        return data
+
+    async def until(self, event_type: str, **data: Any) -> list[dict[str, Any]]:
+        return await self.collector.until(event_with(event_type, **data), EVENT_TIMEOUT_S)
+
+
 def _count(event_type: str, count: int) -> Callable[[list[dict[str, Any]]], bool]:
     return lambda events: sum(e["type"] == event_type for e in events) >= count
 
@@ -133,39 +149,31 @@ async def test_who_hears_whom_through_supervision_mute_consult_and_conference(
             collecting(node.mqtt_port, f"{PREFIX}/#") as collector,
             commander(node.mqtt_port, v5=False) as app,
         ):
+            cti = Cti(app, collector)
 
-            async def ok(command: str, body: dict[str, Any]) -> dict[str, Any]:
-                reply = await app.call(command, body)
-                assert reply["ok"], (command, reply)
-                data: dict[str, Any] = reply["data"]
-                return data
-
-            async def until(event_type: str, **data: Any) -> list[dict[str, Any]]:
-                return await collector.until(event_with(event_type, **data), EVENT_TIMEOUT_S)
-
-            await ok("agent.login", {"agent_id": "8002", "password": "demo8002", "state": "not_ready"})
-            await ok("agent.login", {"agent_id": "8001", "password": "demo8001"})
-            await until("agent.state_changed", agent_id="8001", state="ready")
+            await cti.ok("agent.login", {"agent_id": "8002", "password": "demo8002", "state": "not_ready"})
+            await cti.ok("agent.login", {"agent_id": "8001", "password": "demo8001"})
+            await cti.until("agent.state_changed", agent_id="8001", state="ready")
             await asyncio.to_thread(customer.dial, f"sip:8000@127.0.0.1:{port}")
-            await until("agent.state_changed", agent_id="8001", state="busy")
-            await until("call.bridged", role="caller")
+            await cti.until("agent.state_changed", agent_id="8001", state="busy")
+            await cti.until("call.bridged", role="caller")
 
             agent_only = {"customer": {AGENT_HZ}, "agent": {CUSTOMER_HZ}}
             await parties.phase("talk", agent_only)
 
             monitor = {"supervisor_id": "8002", "agent_id": "8001"}
-            started = await ok("call.monitor", {**monitor, "mode": "listen"})
-            await until("supervision.started", mode="listen")
+            started = await cti.ok("call.monitor", {**monitor, "mode": "listen"})
+            await cti.until("supervision.started", mode="listen")
             both = {CUSTOMER_HZ, AGENT_HZ}
             await parties.phase("listen", {**agent_only, "supervisor": both})
-            await ok("call.monitor", {**monitor, "mode": "whisper"})
-            await until("supervision.mode_changed", mode="whisper")
+            await cti.ok("call.monitor", {**monitor, "mode": "whisper"})
+            await cti.until("supervision.mode_changed", mode="whisper")
             await parties.phase(
                 "whisper",
                 {"customer": {AGENT_HZ}, "agent": {CUSTOMER_HZ, SUPERVISOR_HZ}, "supervisor": both},
             )
-            await ok("call.monitor", {**monitor, "mode": "barge"})
-            await until("supervision.mode_changed", mode="barge")
+            await cti.ok("call.monitor", {**monitor, "mode": "barge"})
+            await cti.until("supervision.mode_changed", mode="barge")
             await parties.phase(
                 "barge",
                 {
@@ -175,23 +183,25 @@ async def test_who_hears_whom_through_supervision_mute_consult_and_conference(
                 },
             )
             await asyncio.to_thread(supervisor.hangup)
-            await until("supervision.ended", supervisor_call=started["supervisor_call"])
+            await cti.until("supervision.ended", supervisor_call=started["supervisor_call"])
 
-            await ok("call.mute", {"agent_id": "8001"})
-            await until("call.muted", role="agent")
+            await cti.ok("call.mute", {"agent_id": "8001"})
+            await cti.until("call.muted", role="agent")
             await parties.phase("muted", {"customer": set(), "agent": {CUSTOMER_HZ}})
-            await ok("call.unmute", {"agent_id": "8001"})
-            recording = await ok("call.record", {"agent_id": "8001", "action": "start"})
+            await cti.ok("call.unmute", {"agent_id": "8001"})
+            recording = await cti.ok("call.record", {"agent_id": "8001", "action": "start"})
             await parties.phase("unmuted", agent_only)
-            await ok("call.record", {"agent_id": "8001", "action": "stop"})
-            available = await until("recording.available", recording_id=recording["recording_id"])
+            await cti.ok("call.record", {"agent_id": "8001", "action": "stop"})
+            available = await cti.until("recording.available", recording_id=recording["recording_id"])
 
-            consult = await ok("call.consult", {"agent_id": "8001", "target": {"kind": "user", "id": "1004"}})
-            await until("transfer.answered", transfer_id=consult["transfer_id"])
+            consult = await cti.ok(
+                "call.consult", {"agent_id": "8001", "target": {"kind": "user", "id": "1004"}}
+            )
+            await cti.until("transfer.answered", transfer_id=consult["transfer_id"])
             # The customer hears music on hold (its own notes, none of the parties' tones).
             await parties.phase("consult", {"customer": set(), "agent": {TARGET_HZ}, "target": {AGENT_HZ}})
-            await ok("call.conference", {"agent_id": "8001"})
-            await until("participant.joined", role="consult")
+            await cti.ok("call.conference", {"agent_id": "8001"})
+            await cti.until("participant.joined", role="consult")
             await parties.phase(
                 "conference",
                 {
@@ -200,13 +210,13 @@ async def test_who_hears_whom_through_supervision_mute_consult_and_conference(
                     "target": {CUSTOMER_HZ, AGENT_HZ},
                 },
             )
-            await ok("call.conference_leave", {"agent_id": "8001"})
-            await until("participant.left", role="agent", reason="left")
+            await cti.ok("call.conference_leave", {"agent_id": "8001"})
+            await cti.until("participant.left", role="agent", reason="left")
             await parties.phase("after the agent left", {"customer": {TARGET_HZ}, "target": {CUSTOMER_HZ}})
-            await until("agent.state_changed", agent_id="8001", state="wrap_up")
+            await cti.until("agent.state_changed", agent_id="8001", state="wrap_up")
 
             await asyncio.to_thread(customer.hangup)
-            events = await until("conversation.ended")
+            events = await cti.until("conversation.ended")
 
     parties.check()
     assert_valid_and_gap_free(events)
@@ -266,3 +276,65 @@ async def test_a_conference_room_across_two_workers(tmp_path: Path, phones: Phon
     assert_valid_and_gap_free(events)
     assert len(linked) == 1, linked  # the middle caller was dispatched to the other worker
     assert sum(e["type"] == "participant.left" for e in events) == 3
+
+
+@pytest.mark.timeout(180)
+async def test_a_consult_cancelled_then_completed_as_an_attended_transfer(
+    tmp_path: Path, phones: PhoneFactory
+) -> None:
+    """The agent consults 1004 and cancels: it talks to the customer again; it consults again and
+    completes the transfer: the customer and 1004 hear each other, and the agent's call ends."""
+    tones = {hz: make_tone(tmp_path / f"tone-{int(hz)}.wav", hz) for hz in (CUSTOMER_HZ, AGENT_HZ, TARGET_HZ)}
+    with running_softswitch(tmp_path / "node", AGENTS_TOML) as node:
+        assert node.mqtt_port is not None
+        port = node.sip_port
+        parties = Parties(
+            {
+                "agent": phones.start("1001", tones[AGENT_HZ], registrar_port=port),
+                "customer": phones.start("1003", tones[CUSTOMER_HZ], registrar_port=port),
+                "target": phones.start("1004", tones[TARGET_HZ], registrar_port=port),
+            }
+        )
+        for phone in parties.phones.values():
+            await asyncio.to_thread(phone.wait_registered)
+        async with (
+            collecting(node.mqtt_port, f"{PREFIX}/#") as collector,
+            commander(node.mqtt_port, v5=False) as app,
+        ):
+            cti = Cti(app, collector)
+
+            await cti.ok("agent.login", {"agent_id": "8001", "password": "demo8001"})
+            await cti.until("agent.state_changed", agent_id="8001", state="ready")
+            await asyncio.to_thread(parties.phones["customer"].dial, f"sip:8000@127.0.0.1:{port}")
+            await cti.until("call.bridged", role="caller")
+            consult = {"agent_id": "8001", "target": {"kind": "user", "id": "1004"}}
+
+            first = await cti.ok("call.consult", consult)
+            await cti.until("transfer.answered", transfer_id=first["transfer_id"])
+            await cti.ok("call.consult_cancel", {"agent_id": "8001"})
+            await cti.until("transfer.cancelled", transfer_id=first["transfer_id"])
+            await parties.phase(
+                "after the cancelled consult", {"customer": {AGENT_HZ}, "agent": {CUSTOMER_HZ}}
+            )
+
+            second = await cti.ok("call.consult", consult)
+            await cti.until("transfer.answered", transfer_id=second["transfer_id"])
+            await parties.phase(
+                "second consult", {"customer": set(), "agent": {TARGET_HZ}, "target": {AGENT_HZ}}
+            )
+            await cti.ok("call.transfer_complete", {"agent_id": "8001"})
+            await cti.until("transfer.completed", transfer_id=second["transfer_id"])
+            await asyncio.to_thread(parties.phones["agent"].wait_event, "CALL_CLOSED", EVENT_TIMEOUT_S)
+            await parties.phase("transferred", {"customer": {TARGET_HZ}, "target": {CUSTOMER_HZ}})
+            await cti.until("agent.state_changed", agent_id="8001", state="wrap_up")
+            await asyncio.to_thread(parties.phones["customer"].hangup)
+            events = await cti.until("conversation.ended")
+
+    parties.check()
+    assert_valid_and_gap_free(events)
+    transfers = [(e["type"], e["data"]["transfer_id"]) for e in events if e["type"].startswith("transfer.")]
+    assert transfers == [
+        ("transfer.initiated", first["transfer_id"]), ("transfer.answered", first["transfer_id"]),
+        ("transfer.cancelled", first["transfer_id"]), ("transfer.initiated", second["transfer_id"]),
+        ("transfer.answered", second["transfer_id"]), ("transfer.completed", second["transfer_id"]),
+    ], transfers  # fmt: skip

@@ -109,8 +109,16 @@ async def test_hold_and_resume_from_a_phone_and_dtmf_across_the_bridge(
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    "info",
+    [
+        {"info_type": "application/dtmf-relay", "info_body": "Signal=7", "info_more": "Duration=160"},
+        {"info_type": "application/dtmf", "info_body": "7", "info_more": " "},
+    ],
+    ids=["dtmf-relay", "dtmf"],
+)
 async def test_a_key_sent_by_sip_info_reaches_the_far_phone_as_rfc4733(
-    tmp_path: Path, phones: PhoneFactory, tones: Tones, sipp: Sipp
+    tmp_path: Path, phones: PhoneFactory, tones: Tones, sipp: Sipp, info: dict[str, str]
 ) -> None:
     with running_softswitch(tmp_path / "node") as node:
         assert node.mqtt_port is not None
@@ -119,7 +127,7 @@ async def test_a_key_sent_by_sip_info_reaches_the_far_phone_as_rfc4733(
         async with collecting(node.mqtt_port, f"{PREFIX}/#") as collector:
             caller = sipp.start(
                 "uac_info_dtmf", node.sip_port, users=[("1001", DEMO_PASSWORDS["1001"])], calls=1,
-                timeout_s=SIPP_TIMEOUT_S, extra_args=["-s", "1002", "-d", str(INFO_PAUSE_MS)],
+                timeout_s=SIPP_TIMEOUT_S, sets=info, extra_args=["-s", "1002", "-d", str(INFO_PAUSE_MS)],
             )  # fmt: skip
             heard = await asyncio.to_thread(callee.wait_event, "CALL_DTMF_START", EVENT_TIMEOUT_S)
             assert heard.param == "7", heard.raw

@@ -6,7 +6,9 @@ import pytest
 
 from softswitch.events.types import DeviceRegistered, DeviceUnregistered
 from softswitch.metrics import Metrics
+from softswitch.sip import proxy
 from softswitch.sip.edge import EdgeCore, EdgeSettings
+from softswitch.sip.errors import SipError
 from softswitch.sip.flow import Flow
 from softswitch.sip.location import LocationService
 from softswitch.sip.message import SipRequest, SipResponse
@@ -700,3 +702,25 @@ def test_timer_c_cancels_a_branch_that_rings_too_long_and_a_provisional_resets_i
     # One CANCEL (retransmitted over UDP until answered), for the ringing branch.
     assert set(statuses(out)) == {"CANCEL"} and {f for _, f in out} == {PHONE2}
     assert {m.top_via.branch for m, _ in out} == {fwd.top_via.branch}
+
+
+def _info(content_type: str, body: str) -> SipRequest:
+    return parse_request(
+        request_bytes(
+            "INFO", "sip:w1@127.0.0.1:5090", to_tag="w", extra=f"Content-Type: {content_type}", body=body
+        )
+    )
+
+
+def test_an_info_carrying_application_dtmf_is_handed_on_as_dtmf_relay() -> None:
+    plain = _info("application/dtmf", "5")
+    assert proxy.dtmf_info_as_relay(plain)
+    assert plain.get("Content-Type") == "application/dtmf-relay"
+    assert plain.body == b"Signal=5\r\nDuration=250\r\n"
+    again = parse_request(plain.to_bytes())  # Content-Length follows the new body
+    assert again.body == plain.body
+    relay = _info("application/dtmf-relay", "Signal=#\r\nDuration=100\r\n")
+    assert not proxy.dtmf_info_as_relay(relay) and relay.body == b"Signal=#\r\nDuration=100\r\n"
+    with pytest.raises(SipError) as raised:
+        proxy.dtmf_info_as_relay(_info("application/dtmf", "55"))
+    assert raised.value.status == 400
