@@ -113,6 +113,7 @@ id = "support"
 strategy = "longest_idle"
 ring_timeout_s = 20
 max_wait_s = 300
+announce_position_s = 30
 
 [[api_accounts]]
 sid = "AC00000000000000000000000000demo"
@@ -583,6 +584,9 @@ class QueueConfig(_Model):
     exit_key: str | None = None
     #: Where a caller who pressed `exit_key` goes (a number the dialplan routes); none: the call is ended.
     exit_to: str | None = None
+    #: Every this many seconds a waiting caller hears its place in the queue ("you are caller number 2",
+    #: prompts `queue_position` and `digit_N`), then the music again. 0: never.
+    announce_position_s: int = Field(default=0, ge=0)
 
     @field_validator("id")
     @classmethod

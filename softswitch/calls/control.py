@@ -163,6 +163,12 @@ class QueueService(Protocol):
 
     def caller_left(self, conversation_id: str) -> None: ...
 
+    def announce_every(self, queue_id: str) -> int:
+        """Seconds between position announcements to a waiting caller (0: none)."""
+
+    def position(self, conversation_id: str) -> int | None:
+        """The waiting caller's place in its queue (1: served next), None once it left the queue."""
+
     def offer_ringing(self, agent_id: str, conversation_id: str) -> None: ...
 
     def offer_answered(self, agent_id: str, conversation_id: str) -> None: ...
@@ -483,6 +489,36 @@ class CallControl:
         conv.queue_id = queue_id
         log.info("caller queued", queue=queue_id)
         self.queues.caller_queued(queue_id, conv.id, a.id, a.sip_call_id, a.from_, conv.callee)
+        every = self.queues.announce_every(queue_id)
+        if every > 0:
+            self._spawn(self._announce_positions(conv.id, a.id, queue_id, every))
+
+    async def _announce_positions(self, conversation_id: str, leg_id: str, queue_id: str, every: int) -> None:
+        """Every `every` seconds while the caller waits in `queue_id`: "you are caller number N", then
+        the music on hold again. Stops once the caller is connected, routed on, or gone."""
+        while True:
+            await asyncio.sleep(every)
+            conv, leg = self.conversations.get(conversation_id), self.legs.get(leg_id)
+            if conv is None or leg is None or self.queues is None:
+                return
+            async with self._lock(conv.id):
+                position = self.queues.position(conv.id)
+                if conv.queue_id != queue_id or leg.ended or position is None:
+                    return
+                try:
+                    paths = [self.prompts.path("queue_position"), *self.prompts.digits(str(position))]
+                    files = [str(path) for path in paths]
+                except PromptError as exc:
+                    log.error("position prompt missing", error=str(exc))
+                    return
+                result = await self._command(leg.worker_id, Play(leg=leg.id, files=files))
+            await asyncio.sleep(float(result.get("duration_s", 0.0)) if result else 0.0)
+            async with self._lock(conv.id):
+                if conv.queue_id != queue_id or leg.ended:
+                    return
+                music = str(self.prompts.path("music_on_hold"))
+                await self._send(leg.worker_id, Play(leg=leg.id, files=[music], loop=True))
+            log.info("queue position announced", queue=queue_id, position=position)
 
     async def _queue_key(self, conv: Conversation, caller: Leg, digit: str) -> None:
         """A key from a waiting caller: the queue's exit key takes the caller out to `exit_to`."""

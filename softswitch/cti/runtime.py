@@ -144,6 +144,15 @@ class CtiRuntime:
         config = self.core.queue(queue_id).config
         return config.exit_key, config.exit_to
 
+    def announce_every(self, queue_id: str) -> int:
+        return self.core.queue(queue_id).config.announce_position_s
+
+    def position(self, conversation_id: str) -> int | None:
+        for queue in self.core.queues():
+            if conversation_id in queue:
+                return queue.position(conversation_id)
+        return None
+
     def caller_left(self, conversation_id: str) -> None:
         self._report("caller_left", lambda now: self.core.caller_left(conversation_id, now))
 

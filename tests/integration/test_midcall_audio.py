@@ -55,6 +55,8 @@ EDGE_S = 0.3  # trimmed from each end of a phase's stretch of recording
 HEARD = 0.08  # amplitude (full scale 1.0) above which a party hears a tone; the phones send 0.5
 SILENT = 0.02  # amplitude below which it does not (leakage and noise sit well under this)
 EVENT_TIMEOUT_S = 15.0
+WAIT_FOR_ANNOUNCEMENTS_S = 5.0  # two announcements at announce_position_s = 2
+PEAK_WINDOW_S = 0.5  # the loudest stretch this long of each tone: inside one 0.6 s prompt
 
 
 @dataclass
@@ -338,3 +340,57 @@ async def test_a_consult_cancelled_then_completed_as_an_attended_transfer(
         ("transfer.cancelled", first["transfer_id"]), ("transfer.initiated", second["transfer_id"]),
         ("transfer.answered", second["transfer_id"]), ("transfer.completed", second["transfer_id"]),
     ], transfers  # fmt: skip
+
+
+def _peak_levels(phone: Baresip, frequencies: tuple[float, ...]) -> dict[float, float]:
+    """Each tone's amplitude in the stretch of PEAK_WINDOW_S where it is loudest, over the whole call."""
+    path, end = phone.received_wav(), phone.heard_s()
+    peaks = dict.fromkeys(frequencies, 0.0)
+    start = EDGE_S
+    while start + PEAK_WINDOW_S <= end:
+        for hz, level in tone_levels(path, frequencies, start, start + PEAK_WINDOW_S).items():
+            peaks[hz] = max(peaks[hz], level)
+        start += PEAK_WINDOW_S / 2
+    return peaks
+
+
+ANNOUNCE_HZ, FIRST_HZ, SECOND_HZ = 1000.0, 1500.0, 1800.0  # the test's prompts: "caller number", 1, 2
+
+
+@pytest.mark.timeout(120)
+async def test_waiting_callers_hear_their_place_in_the_queue(tmp_path: Path, phones: PhoneFactory) -> None:
+    """With `announce_position_s`, two callers waiting in the support queue (no agent logged in) hear
+    `queue_position` and then their own place: the operator's prompt folder replaces the prompts with
+    tones (1000 Hz, and 1500 / 1800 Hz for "1" / "2"), so what each heard tells the announcements apart."""
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    make_tone(prompts / "queue_position.wav", ANNOUNCE_HZ, seconds=0.6)
+    make_tone(prompts / "digit_1.wav", FIRST_HZ, seconds=0.6)
+    make_tone(prompts / "digit_2.wav", SECOND_HZ, seconds=0.6)
+    caller_tones = {
+        user: make_tone(tmp_path / f"{user}.wav", hz) for user, hz in (("1001", 440.0), ("1002", 660.0))
+    }
+    extra = f'[prompts]\ndir = "{prompts}"\n\n[[queues]]\nid = "support"\nannounce_position_s = 2\n'
+    with running_softswitch(tmp_path / "node", extra) as node:
+        assert node.mqtt_port is not None
+        callers = {
+            user: phones.start(user, tone, registrar_port=node.sip_port)
+            for user, tone in caller_tones.items()
+        }
+        for phone in callers.values():
+            await asyncio.to_thread(phone.wait_registered)
+        async with collecting(node.mqtt_port, f"{PREFIX}/#") as collector:
+            for count, phone in enumerate(callers.values(), start=1):
+                await asyncio.to_thread(phone.dial, f"sip:8000@127.0.0.1:{node.sip_port}")
+                await collector.until(_count("call.queued", count), EVENT_TIMEOUT_S)
+            await asyncio.sleep(WAIT_FOR_ANNOUNCEMENTS_S)
+            for phone in callers.values():
+                await asyncio.to_thread(phone.hangup)
+            await collector.until(_count("conversation.ended", 2), EVENT_TIMEOUT_S)
+        announced = [r for r in node.log_records() if r.get("event") == "queue position announced"]
+    heard = {user: _peak_levels(phone, (ANNOUNCE_HZ, FIRST_HZ, SECOND_HZ)) for user, phone in callers.items()}
+    assert heard["1001"][ANNOUNCE_HZ] > HEARD and heard["1001"][FIRST_HZ] > HEARD, heard
+    assert heard["1001"][SECOND_HZ] < SILENT, heard
+    assert heard["1002"][ANNOUNCE_HZ] > HEARD and heard["1002"][SECOND_HZ] > HEARD, heard
+    assert heard["1002"][FIRST_HZ] < SILENT, heard
+    assert {r["position"] for r in announced} == {1, 2}, announced
