@@ -1171,7 +1171,11 @@ class CallControl:
             raise CtiError(NO_ACTIVE_CALL, "no answered party to record")
         recording_id = "RE" + secrets.token_hex(8)
         directory = self.recordings_dir / conv.id
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.error("cannot create the recordings directory", path=str(directory), error=str(exc))
+            raise CtiError(INTERNAL, f"cannot create {directory}: {exc.strerror}") from None
         path = directory / f"{recording_id}.wav"
         url = f"{self.recordings_dir.name}/{conv.id}/{recording_id}.wav"
         sent = await self._send(

@@ -23,7 +23,7 @@ import structlog
 
 from softswitch.cti.commands import Actor, CallRequest, CommandHandlers, failure, success
 from softswitch.cti.core import CallAction, CtiCore, Outcome, TimerKey
-from softswitch.cti.errors import NOT_SUPPORTED, CommandError
+from softswitch.cti.errors import INTERNAL, NOT_SUPPORTED, CommandError
 from softswitch.cti.queues import QueuedCall
 from softswitch.events.bus import EventBus
 from softswitch.events.types import DeviceRegistered, DeviceUnregistered, Event
@@ -116,6 +116,10 @@ class CtiRuntime:
             data = await self.calls.execute(request)
         except CommandError as exc:
             return failure(request, exc).as_dict()
+        except Exception:  # a bug: the client gets a stable code, the log gets the traceback
+            log.exception("call command failed", command=name)
+            internal = CommandError(INTERNAL, f"{name} failed inside the node; its log says why")
+            return failure(request, internal).as_dict()
         return success(request, data).as_dict()
 
     def _on_event(self, event: Event) -> None:
